@@ -1,0 +1,267 @@
+"""The farm's HTTP API (FastAPI): submit jobs, follow them, list their images.
+
+Nothing here imports torch: the API validates specs against the engine's sampler names
+(``workers.engine.names``, torch-free) and talks only to Redis and object storage.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Annotated, Any
+
+import redis
+from fastapi import FastAPI, HTTPException, Query, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import storage
+from farm.api import errors
+from farm.api.errors import FieldError, SafeJSONResponse
+from farm.api.schemas import (
+    ERRORS,
+    NOT_FOUND,
+    ErrorBody,
+    Health,
+    ImagesPage,
+    JobDetail,
+    JobSummary,
+    ModelInfo,
+    WorkerInfo,
+)
+from farm.config import Config
+from farm.jobs import STATES, JobNotFound, JobRecord, Ledger
+from farm.models import ModelRegistry
+from farm.spec import JobSpec, Plan, set_limits
+from farm.workers_registry import WorkerRegistry
+from storage.keys import image_key
+
+TITLE = "render farm"
+MAX_BODY_BYTES = 64 * 1024 * 1024
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class BodyLimit:
+    """Refuse (413) a request whose declared Content-Length is over ``limit`` bytes."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    msg = f"request body of {int(value)} bytes; at most {self.limit}"
+                    await SafeJSONResponse({"detail": msg}, status_code=413)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+class Farm:
+    """What the endpoints share: config, Redis-backed registries and the object store."""
+
+    def __init__(self, config: Config, client: redis.Redis, store: storage.ObjectStore | None):
+        self.config = config
+        self.redis = client
+        self.ledger = Ledger(client, config.namespace)
+        self.models = ModelRegistry(client, config.namespace)
+        self.workers = WorkerRegistry(client, config.namespace)
+        self._store = store
+        self._lock = threading.Lock()
+
+    def store(self) -> storage.ObjectStore:
+        with self._lock:
+            if self._store is None:
+                try:
+                    self._store = storage.open_store(self.config.storage_url)
+                except (ValueError, storage.StorageError) as exc:
+                    raise HTTPException(503, f"object storage is unavailable: {exc}") from None
+            return self._store
+
+    def job(self, job_id: str) -> JobRecord:
+        if not _JOB_ID.match(job_id):
+            raise HTTPException(404, f"no job {job_id!r}")
+        try:
+            return self.ledger.get(job_id)
+        except JobNotFound:
+            raise HTTPException(404, f"no job {job_id!r}") from None
+
+    def check_output_prefix(self, spec: JobSpec) -> None:
+        """The prefix must make valid storage keys (JobSpec's own check lets '.' or a
+        trailing newline through, which storage would refuse only when images are written)."""
+        prefix = spec.output_prefix
+        if not prefix:
+            return
+        try:
+            image_key(prefix, "job", 0, 0)
+        except ValueError as exc:
+            raise FieldError("output_prefix", str(exc).replace("storage key", "prefix")) from None
+        if prefix != prefix.strip() or any(c.isspace() for c in prefix):
+            raise FieldError("output_prefix", "must not contain whitespace")
+
+    def check_models(self, spec: JobSpec) -> None:
+        names = [("model", spec.model)]
+        names += [(f"sweep.model[{i}]", m) for i, m in enumerate(spec.sweep.get("model", []))]
+        for field, name in names:
+            if self.models.get(name) is None:
+                known = ", ".join(e.name for e in self.models.list())
+                raise FieldError(field, f"unknown model {name!r}; registered: {known}")
+
+
+def detail(job: JobRecord) -> dict[str, Any]:
+    return {
+        **job.summary(),
+        "spec": job.spec.model_dump(mode="json"),
+        "batch_size": job.extra.get("batch_size"),
+    }
+
+
+def check_encodable(value: Any, field: str = "") -> None:
+    """Every string must be valid UTF-8 (JSON lets a client send a lone surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FieldError(field or "body", "must be valid unicode (no lone surrogates)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_encodable(k, field or "body")
+            check_encodable(v, f"{field}.{k}" if field else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_encodable(v, f"{field}[{i}]")
+
+
+def create_app(
+    config: Config | None = None,
+    redis_client: redis.Redis | None = None,
+    store: storage.ObjectStore | None = None,
+) -> FastAPI:
+    """The API app. Redis and the store come from ``config`` unless given."""
+    config = config or Config.from_env()
+    set_limits(config)
+    if redis_client is None:
+        redis_client = redis.Redis.from_url(
+            config.redis(), socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
+        )
+    farm = Farm(config, redis_client, store)
+    app = FastAPI(
+        title=TITLE,
+        version="1",
+        description="Submit diffusion render jobs, follow their progress, fetch the images.",
+        default_response_class=SafeJSONResponse,
+    )
+    app.state.farm = farm
+    errors.install(app)
+    app.add_middleware(BodyLimit)
+
+    @app.post(
+        "/v1/jobs",
+        status_code=201,
+        response_model=JobDetail,
+        responses=ERRORS,
+        summary="Submit a job",
+    )
+    def submit(spec: JobSpec) -> Response:
+        check_encodable(spec.model_dump())
+        farm.check_output_prefix(spec)
+        farm.check_models(spec)
+        job = farm.ledger.create(spec, config.default_batch_size)
+        return SafeJSONResponse(detail(job), status_code=201)
+
+    @app.get("/v1/jobs", response_model=list[JobSummary], responses=ERRORS, summary="List jobs")
+    def list_jobs(
+        state: Annotated[str | None, Query(description=f"one of {', '.join(STATES)}")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    ) -> Response:
+        if state == "":
+            state = None
+        if state is not None and state not in STATES:
+            raise FieldError("state", f"must be one of {', '.join(STATES)}")
+        jobs = farm.ledger.list(limit=limit, offset=offset, state=state)
+        return SafeJSONResponse([j.summary() for j in jobs])
+
+    @app.get(
+        "/v1/jobs/{job_id}",
+        response_model=JobDetail,
+        responses={**ERRORS, **NOT_FOUND},
+        summary="A job's progress and spec",
+    )
+    def get_job(job_id: str) -> Response:
+        return SafeJSONResponse(detail(farm.job(job_id)))
+
+    @app.get(
+        "/v1/jobs/{job_id}/images",
+        response_model=ImagesPage,
+        responses={**ERRORS, **NOT_FOUND},
+        summary="The stored images of a job, in index order",
+    )
+    def images(
+        job_id: str,
+        offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> Response:
+        job = farm.job(job_id)
+        indices = farm.ledger.done_indices(job.id, offset=offset, limit=limit)
+        plan = Plan(job.spec, job.extra.get("batch_size"))
+        prefix = job.spec.output_prefix or config.output_prefix
+        store = farm.store() if indices else None
+        out = []
+        for index in indices:
+            image = plan.image(index)
+            key = image_key(prefix, job.id, index, image.seed)
+            assert store is not None
+            try:
+                url = store.url(key)
+            except storage.StorageError as exc:
+                raise HTTPException(503, f"object storage is unavailable: {exc}") from None
+            out.append(
+                {"index": index, "seed": image.seed, "prompt": image.prompt, "key": key, "url": url}
+            )
+        next_offset = offset + len(out) if len(out) == limit else None
+        return SafeJSONResponse({"job": job.id, "images": out, "next_offset": next_offset})
+
+    @app.post(
+        "/v1/jobs/{job_id}/cancel",
+        response_model=JobDetail,
+        responses={
+            **ERRORS,
+            **NOT_FOUND,
+            409: {"model": ErrorBody, "description": "already finished"},
+        },
+        summary="Cancel a job (images already stored stay)",
+    )
+    def cancel(job_id: str) -> Response:
+        job = farm.job(job_id)
+        res = farm.ledger.cancel(job.id)
+        if res == "missing":
+            raise HTTPException(404, f"no job {job_id!r}")
+        if res not in ("ok", "cancelled"):
+            raise HTTPException(409, f"job {job.id} is {res}; it can no longer be cancelled")
+        return SafeJSONResponse(detail(farm.job(job.id)))
+
+    @app.get("/v1/workers", response_model=list[WorkerInfo], responses=ERRORS)
+    def workers() -> Response:
+        return SafeJSONResponse(farm.workers.live())
+
+    @app.get("/v1/models", response_model=list[ModelInfo], responses=ERRORS)
+    def models() -> Response:
+        return SafeJSONResponse([m.to_dict() for m in farm.models.list()])
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    def healthz(request: Request) -> JSONResponse:
+        try:
+            farm.redis.ping()
+        except redis.RedisError as exc:
+            reason = f"redis at {_redacted(config.redis())}: {type(exc).__name__}: {exc}"
+            return SafeJSONResponse({"ok": False, "detail": reason}, status_code=503)
+        return SafeJSONResponse({"ok": True})
+
+    return app
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password."""
+    return re.sub(r"//[^@/]*@", "//***@", url)

@@ -1,0 +1,86 @@
+"""Response bodies of the HTTP API, as pydantic models for the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from farm.spec import JobSpec
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="dotted location, e.g. 'width' or 'sweep.model[1]'")
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    detail: list[FieldProblem] | str
+
+
+class JobSummary(BaseModel):
+    id: str
+    state: str
+    model: str
+    priority: int
+    total: int = Field(description="images in the job")
+    done: int
+    failed: int
+    tasks: int
+    tasks_finished: int
+    images_per_s: float
+    eta_s: float | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    seed: int = Field(description="the job seed (chosen at submit if the spec said -1)")
+    tags: list[str]
+
+
+class JobDetail(JobSummary):
+    spec: JobSpec
+    batch_size: int | None = Field(description="images per task")
+
+
+class ImageInfo(BaseModel):
+    index: int
+    seed: int
+    prompt: str
+    key: str = Field(description="object key in the farm's storage")
+    url: str = Field(description="where to GET the PNG (presigned on S3)")
+
+
+class ImagesPage(BaseModel):
+    job: str
+    images: list[ImageInfo]
+    next_offset: int | None = Field(description="offset of the next page; null at the end")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    engine: str
+    sha256: str
+    size: int
+    key: str
+    added_at: float
+
+
+class WorkerInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    last_seen: float
+
+
+class Health(BaseModel):
+    ok: bool
+    detail: str | None = None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "a value is not valid; detail names the field"},
+    503: {"model": ErrorBody, "description": "Redis is unavailable"},
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "no such job"}
+}

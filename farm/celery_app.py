@@ -1,0 +1,75 @@
+"""Celery application settings shared by the producer side and the workers.
+
+The producer (scheduler) only sends tasks by name, so it never imports the workers'
+code (torch, diffusers). See FACTS/DESIGN for why each setting is what it is.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from pydantic import BaseModel, ConfigDict
+
+from farm.config import Config
+
+RENDER_TASK = "farm.render"
+
+
+class RenderMessage(BaseModel):
+    """Payload of one ``farm.render`` task: a contiguous image range of one job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str
+    job_id: str
+    task_no: int
+
+
+def render_queue(namespace: str, model: str | None = None) -> str:
+    """The broker queue a render task goes to.
+
+    Scheduler v0 uses one shared queue per farm; the model argument is where per-model
+    queues (``<ns>.m.<model>``) plug in.
+    """
+    return f"{namespace}.render"
+
+
+def celery_priority(priority: int) -> int:
+    """Job priority 0-100 (100 most urgent) -> Celery priority on Redis (0 most urgent)."""
+    return 9 - round(max(0, min(100, priority)) * 9 / 100)
+
+
+def make_app(config: Config) -> Celery:
+    app = Celery("farm", broker=config.redis(), set_as_current=False)
+    vt = config.visibility_timeout
+    transport = {
+        "visibility_timeout": vt,
+        "priority_steps": list(range(10)),
+        "sep": ":",
+        "queue_order_strategy": "priority",
+        # restore tasks of dead workers soon after the visibility timeout
+        "unacked_restore_interval": 2,
+        "unacked_restore_throttle": 1,
+    }
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": vt},
+        visibility_timeout=vt,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        task_default_queue=render_queue(config.namespace),
+        task_default_priority=celery_priority(50),
+        broker_connection_retry_on_startup=True,
+        worker_soft_shutdown_timeout=float(min(vt, 600)),
+        worker_enable_soft_shutdown_on_idle=False,
+        worker_hijack_root_logger=False,
+        task_reject_on_worker_lost=True,
+    )
+    return app

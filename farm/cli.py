@@ -1,0 +1,338 @@
+"""``farm``: the command line of the render farm.
+
+Commands that talk to a running farm (submit, status, cancel) use its HTTP API at
+``FARM_API_URL`` (default ``http://FARM_API_HOST:FARM_API_PORT``); commands that run a
+part of the farm (up, worker, scheduler, api) read the ``FARM_*`` settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from farm.client import ApiError, FarmClient
+from farm.config import Config, load
+
+DEMO_PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow triangle on a purple background",
+]
+
+
+def _api_url(config: Config) -> str:
+    return os.environ.get("FARM_API_URL") or f"http://{config.api_host}:{config.api_port}"
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if args.spec:
+        text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text()
+        try:
+            spec = json.loads(text)
+        except ValueError as exc:
+            raise SystemExit(f"farm submit: {args.spec} is not valid JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise SystemExit(f"farm submit: {args.spec} must hold a JSON object")
+    flags = {
+        "model": args.model,
+        "negative_prompt": args.negative_prompt,
+        "count": args.count,
+        "seed": args.seed,
+        "width": args.width,
+        "height": args.height,
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "sampler_name": args.sampler,
+        "scheduler": args.scheduler,
+        "batch_size": args.batch_size,
+        "priority": args.priority,
+        "output_prefix": args.output_prefix,
+    }
+    spec.update({k: v for k, v in flags.items() if v is not None})
+    if args.prompt:
+        spec["prompt"] = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+    if args.tag:
+        spec["tags"] = args.tag
+    for item in args.sweep or []:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"farm submit: --sweep {item!r}: use FIELD=V1,V2,...")
+        spec.setdefault("sweep", {})[name] = [_parse_value(v) for v in values.split(",")]
+    spec.setdefault("model", config.default_model)
+    if "prompt" not in spec:
+        raise SystemExit("farm submit: give --prompt or a spec file with a prompt")
+    return spec
+
+
+def progress_bar(job: dict[str, Any]) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=job["total"], unit="img", desc=f"job {job['id']}", dynamic_ncols=True)
+
+
+def wait_with_bar(client: FarmClient, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+    bar = None
+
+    def update(job: dict[str, Any]) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(job)
+        bar.n = job["done"] + job["failed"]
+        bar.set_postfix(state=job["state"], failed=job["failed"], refresh=False)
+        bar.refresh()
+
+    try:
+        return client.wait(job_id, timeout=timeout, on_progress=update)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_submit(args: argparse.Namespace, config: Config) -> int:
+    client = FarmClient(_api_url(config))
+    job = client.submit(spec_from_args(args, config))
+    print(f"job {job['id']}: {job['total']} images in {job['tasks']} tasks, seed {job['seed']}")
+    if args.wait:
+        job = wait_with_bar(client, job["id"])
+        print(f"job {job['id']} {job['state']}: {job['done']} done, {job['failed']} failed")
+        return 0 if job["state"] == "done" else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    client = FarmClient(_api_url(config))
+    if args.job:
+        print(json.dumps(client.job(args.job), indent=2))
+        return 0
+    for job in client.jobs(args.limit):
+        eta = "-" if job["eta_s"] is None else f"{job['eta_s']:.0f}s"
+        print(
+            f"{job['id']}  {job['state']:<9} {job['done']:>7}/{job['total']:<7} "
+            f"failed {job['failed']:<5} {job['images_per_s']:>7.2f} img/s  eta {eta:>6}  "
+            f"{job['model']}"
+        )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    job = FarmClient(_api_url(config)).cancel(args.job)
+    print(f"job {job['id']} {job['state']}: {job['done']} images kept")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    from workers.launcher import run
+
+    return run(args.devices, config, args.loglevel)
+
+
+def cmd_scheduler(args: argparse.Namespace, config: Config) -> int:
+    from scheduler.service import Scheduler
+
+    sched = Scheduler(config)
+    signal.signal(signal.SIGTERM, lambda *_: sched.stop())
+    try:
+        sched.run()
+    except KeyboardInterrupt:
+        sched.stop()
+    return 0
+
+
+def cmd_api(args: argparse.Namespace, config: Config) -> int:
+    from farm.api.app import serve
+
+    serve(config)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, config: Config) -> int:
+    import redis
+
+    from farm.models import ModelRegistry
+
+    client = redis.Redis.from_url(config.redis())
+    if args.models_cmd == "add":
+        from farm.stack import register_model
+
+        entry = register_model(config, client, Path(args.path), args.name)
+        print(f"model {entry.name}: {entry.engine}, sha256 {entry.sha256}, {entry.size} bytes")
+        return 0
+    for entry in ModelRegistry(client, config.namespace).list():
+        sha = entry.sha256[:12] if entry.sha256 else "-"
+        print(f"{entry.name:<24} {entry.engine:<10} {sha:<12} {entry.size:>12}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, config: Config) -> int:
+    for name, value in config.items():
+        print(f"{name}={value}")
+    return 0
+
+
+def _serve_stack(args: argparse.Namespace, config: Config, job: dict[str, Any] | None) -> int:
+    from farm.stack import Stack
+
+    stack = Stack(config, devices=args.devices, flower=not args.no_flower)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stack.start()
+        for what, where in stack.describe().items():
+            print(f"{what:>20}: {where}")
+        print("waiting for workers...", flush=True)
+        if not stack.wait_for_workers(1, timeout=180):
+            print(f"no worker came up; see {stack.log_dir}", file=sys.stderr)
+            return 1
+        if job is None:
+            print("farm is up; Ctrl-C stops it", flush=True)
+            stop.wait()
+            return 0
+        return run_demo_job(FarmClient(stack.api_url), job, stack)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
+
+
+def run_demo_job(client: FarmClient, spec: dict[str, Any], stack: Any) -> int:
+    job = client.submit(spec)
+    print(f"job {job['id']}: {job['total']} images", flush=True)
+    job = wait_with_bar(client, job["id"], timeout=900)
+    print(f"job {job['id']} {job['state']}: {job['done']} done, {job['failed']} failed")
+    images = client.all_images(job["id"])
+    for img in images:
+        print(f"  {img['url']}")
+    print(f"{len(images)} images in {stack.describe()['storage']}")
+    return 0 if job["state"] == "done" and len(images) == job["total"] else 1
+
+
+def cmd_up(args: argparse.Namespace, config: Config) -> int:
+    return _serve_stack(args, config, None)
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from farm.redis_server import free_port
+
+    # the demo must not collide with a farm (or anything else) on the default ports
+    if not os.environ.get("FARM_API_PORT"):
+        config = replace(config, api_port=free_port())
+    if not os.environ.get("FARM_FLOWER_PORT"):
+        config = replace(config, flower_port=free_port())
+    spec = {
+        "model": config.default_model,
+        "prompt": DEMO_PROMPTS,
+        "count": args.count,
+        "seed": 1,
+        "width": 64,
+        "height": 64,
+        "steps": 12,
+        "cfg_scale": 6.0,
+        "sampler_name": "DPM++ 2M",
+        "batch_size": 4,
+        "output_prefix": "demo",
+    }
+    return _serve_stack(args, config, spec)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="farm", description="render farm for diffusion images")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    for name, helptext in (("up", "run the embedded farm in the foreground"),
+                           ("demo", "run a small job end to end on the embedded farm")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--devices", default="auto", help="auto, cpu:N or cuda:0,1")
+        sp.add_argument("--no-flower", action="store_true", help="do not start Flower")
+        if name == "demo":
+            sp.add_argument("--count", type=int, default=8, help="images per prompt")
+
+    sp = sub.add_parser("submit", help="submit a job (spec file and/or flags)")
+    sp.add_argument("spec", nargs="?", help="JSON spec file, or - for stdin")
+    sp.add_argument("--model")
+    sp.add_argument("--prompt", action="append", help="repeat for several prompts")
+    sp.add_argument("--negative-prompt")
+    sp.add_argument("--count", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--width", type=int)
+    sp.add_argument("--height", type=int)
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--cfg-scale", type=float)
+    sp.add_argument("--sampler")
+    sp.add_argument("--scheduler")
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--priority", type=int)
+    sp.add_argument("--sweep", action="append", help="FIELD=V1,V2 (repeatable)")
+    sp.add_argument("--output-prefix")
+    sp.add_argument("--tag", action="append")
+    sp.add_argument("--wait", action="store_true", help="show a progress bar until it ends")
+
+    sp = sub.add_parser("status", help="list jobs, or show one")
+    sp.add_argument("job", nargs="?")
+    sp.add_argument("--limit", type=int, default=20)
+
+    sp = sub.add_parser("cancel", help="cancel a job (its finished images stay)")
+    sp.add_argument("job")
+
+    sp = sub.add_parser("worker", help="start one worker process per device")
+    sp.add_argument("--devices", default="auto", help="auto, cpu:N or cuda:0,1")
+    sp.add_argument("--loglevel", default="INFO")
+
+    sub.add_parser("scheduler", help="run the scheduler loop")
+    sub.add_parser("api", help="serve the HTTP API")
+    sub.add_parser("config", help="print the effective FARM_* settings")
+
+    sp = sub.add_parser("models", help="manage models")
+    msub = sp.add_subparsers(dest="models_cmd", required=True)
+    ap = msub.add_parser("add", help="store a checkpoint and register a name for it")
+    ap.add_argument("path")
+    ap.add_argument("--name", required=True)
+    msub.add_parser("list", help="list registered models")
+    return p
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "demo": cmd_demo,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "cancel": cmd_cancel,
+    "worker": cmd_worker,
+    "scheduler": cmd_scheduler,
+    "api": cmd_api,
+    "config": cmd_config,
+    "models": cmd_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = load()
+        return COMMANDS[args.cmd](args, config)
+    except ApiError as exc:
+        print(f"farm {args.cmd}: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, ConnectionError, OSError) as exc:
+        print(f"farm {args.cmd}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""A small HTTP client of the farm's API (standard library only), used by the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: Any):
+        self.status = status
+        self.detail = detail
+        super().__init__(f"HTTP {status}: {format_detail(detail)}")
+
+
+def format_detail(detail: Any) -> str:
+    if isinstance(detail, dict) and "detail" in detail:
+        detail = detail["detail"]
+    if isinstance(detail, list):
+        return "; ".join(
+            f"{d.get('field', '?')}: {d.get('msg', d)}" if isinstance(d, dict) else str(d)
+            for d in detail
+        )
+    return str(detail)
+
+
+class FarmClient:
+    def __init__(self, base_url: str, timeout: float = 30.0):
+        self.base = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                detail = json.loads(raw)
+            except ValueError:
+                detail = raw.decode(errors="replace")
+            raise ApiError(exc.code, detail) from None
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/v1/jobs", spec)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}")
+
+    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        return self.request("GET", f"/v1/jobs?limit={limit}")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def images(self, job_id: str, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/images?offset={offset}&limit={limit}")
+
+    def all_images(self, job_id: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            page = self.images(job_id, offset)
+            out.extend(page["images"])
+            if not page.get("next_offset"):
+                return out
+            offset = page["next_offset"]
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        interval: float = 0.5,
+    ) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_progress:
+                on_progress(job)
+            if job["state"] in ("done", "failed", "cancelled"):
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
+            time.sleep(interval)

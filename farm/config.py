@@ -1,0 +1,79 @@
+"""Farm configuration: every setting comes from a ``FARM_*`` environment variable.
+
+``farm config`` prints the effective values. The standard ``AWS_*`` variables configure
+boto3 directly and are not repeated here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+PREFIX = "FARM_"
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("FARM_DATA_DIR", "./farm-data")).absolute()
+
+
+@dataclass(frozen=True)
+class Config:
+    """Effective settings. Field ``foo`` is read from ``FARM_FOO``."""
+
+    data_dir: str = field(default_factory=lambda: str(_data_dir()))
+    # Empty means: `farm up` starts an embedded Redis-compatible server; other commands
+    # fall back to redis://127.0.0.1:6379/0.
+    redis_url: str = ""
+    namespace: str = "farm"
+    storage_url: str = field(default_factory=lambda: "file://" + str(_data_dir() / "storage"))
+    model_cache: str = field(default_factory=lambda: str(_data_dir() / "models"))
+    output_prefix: str = "renders"
+    default_model: str = "tiny-sd1"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    flower_port: int = 5555
+    # Celery / broker
+    visibility_timeout: int = 3600  # seconds; above the longest task
+    # scheduler
+    queue_depth: int = 4  # tasks released but not finished, per worker (min 2 in total)
+    scheduler_interval: float = 0.2  # seconds between scheduler ticks
+    worker_ttl: int = 30  # seconds a worker inventory entry lives without a heartbeat
+    # limits of a job spec
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_batch_size: int = 64
+    default_batch_size: int = 4
+    max_images: int = 10_000_000
+    max_prompts: int = 100_000
+    max_prompt_chars: int = 10_000
+    max_sweep_values: int = 1_000
+    max_cfg_scale: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                ) from exc
+        return cls(**values)  # type: ignore[arg-type]
+
+    def redis(self) -> str:
+        return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    def items(self) -> list[tuple[str, object]]:
+        return [(PREFIX + f.name.upper(), getattr(self, f.name)) for f in fields(self)]
+
+
+def load() -> Config:
+    return Config.from_env()

@@ -1,0 +1,399 @@
+"""Job ledger in Redis.
+
+Per job (all keys under the farm's namespace ``<ns>:``)::
+
+    job:<id>          hash: spec, state, counters, timestamps
+    job:<id>:done     bitmap, bit k set once image k is stored
+    job:<id>:failed   bitmap, bit k set when image k failed (cleared if it later succeeds)
+    job:<id>:tasks    bitmap, bit t set once task t has finished (or was skipped)
+    jobs              zset of all job ids by creation time
+    active            zset of jobs the scheduler still releases tasks for, by creation time
+    events            stream of progress events
+
+Counters change only inside Lua scripts and only when a bit flips, so a task that runs
+twice (a redelivery after a crash) counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from farm.spec import JobSpec, Plan
+
+STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
+TERMINAL = ("done", "failed", "cancelled")
+RUNNABLE = ("queued", "running")
+EVENTS_MAXLEN = 100_000
+
+# KEYS: job, done, failed, active, events   ARGV: ok, now, job_id, index...
+_MARK = """
+local done_d, failed_d = 0, 0
+local ok = ARGV[1] == '1'
+for i = 4, #ARGV do
+  local k = tonumber(ARGV[i])
+  if ok then
+    if redis.call('SETBIT', KEYS[2], k, 1) == 0 then
+      done_d = done_d + 1
+      if redis.call('SETBIT', KEYS[3], k, 0) == 1 then failed_d = failed_d - 1 end
+    end
+  else
+    if redis.call('GETBIT', KEYS[2], k) == 0 and redis.call('SETBIT', KEYS[3], k, 1) == 0 then
+      failed_d = failed_d + 1
+    end
+  end
+end
+local done = redis.call('HINCRBY', KEYS[1], 'done', done_d)
+local failed = redis.call('HINCRBY', KEYS[1], 'failed', failed_d)
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+local state = redis.call('HGET', KEYS[1], 'state')
+if done_d ~= 0 or failed_d ~= 0 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*',
+    'type', 'progress', 'job', ARGV[3], 'done', done, 'failed', failed, 'total', total)
+  if done + failed >= total and state ~= 'done' and state ~= 'failed'
+      and state ~= 'cancelled' then
+    if failed > 0 then state = 'failed' else state = 'done' end
+    redis.call('HSET', KEYS[1], 'state', state, 'finished_at', ARGV[2])
+    redis.call('ZREM', KEYS[4], ARGV[3])
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*',
+      'type', 'job-' .. state, 'job', ARGV[3])
+  end
+end
+return {done_d, failed_d, done, failed, state}
+"""
+
+# KEYS: job, events   ARGV: task_no, worker, now, job_id
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then return state or 'missing' end
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[3])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'type', 'job-running',
+    'job', ARGV[4])
+end
+redis.call('HINCRBY', KEYS[1], 'tasks_started', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'type', 'task-started',
+  'job', ARGV[4], 'task', ARGV[1], 'worker', ARGV[2])
+return 'ok'
+"""
+
+# KEYS: job, tasks   ARGV: task_no
+_FINISH_TASK = """
+if redis.call('SETBIT', KEYS[2], tonumber(ARGV[1]), 1) == 0 then
+  return redis.call('HINCRBY', KEYS[1], 'tasks_finished', 1)
+end
+return -1
+"""
+
+# KEYS: job   ARGV: n
+_RELEASE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then return {0, 0} end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'tasks_released'))
+local n_tasks = tonumber(redis.call('HGET', KEYS[1], 'n_tasks'))
+local n = math.min(tonumber(ARGV[1]), n_tasks - cur)
+if n <= 0 then return {cur, 0} end
+redis.call('HINCRBY', KEYS[1], 'tasks_released', n)
+return {cur, n}
+"""
+
+# KEYS: job, active, events   ARGV: job_id, now, new_state, allowed_from (comma list)
+_TRANSITION = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+local allowed = false
+for s in string.gmatch(ARGV[4], '[^,]+') do if s == state then allowed = true end end
+if not allowed then return state end
+redis.call('HSET', KEYS[1], 'state', ARGV[3])
+if ARGV[3] == 'cancelled' or ARGV[3] == 'done' or ARGV[3] == 'failed' then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'type', 'job-' .. ARGV[3],
+  'job', ARGV[1])
+return 'ok'
+"""
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+@dataclass
+class JobRecord:
+    id: str
+    spec: JobSpec
+    state: str
+    total: int
+    n_tasks: int
+    done: int
+    failed: int
+    tasks_released: int
+    tasks_started: int
+    tasks_finished: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> Plan:
+        return Plan(self.spec, self.extra.get("batch_size"))
+
+    @property
+    def outstanding(self) -> int:
+        """Tasks released to the broker that have not finished yet."""
+        return self.tasks_released - self.tasks_finished
+
+    def rate(self, now: float | None = None) -> float:
+        """Images per second since the first task started."""
+        if not self.started_at or not self.done:
+            return 0.0
+        end = self.finished_at or (now or time.time())
+        return self.done / max(end - self.started_at, 1e-6)
+
+    def eta(self, now: float | None = None) -> float | None:
+        if self.state in TERMINAL:
+            return 0.0
+        rate = self.rate(now)
+        if rate <= 0:
+            return None
+        return (self.total - self.done - self.failed) / rate
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "model": self.spec.model,
+            "priority": self.spec.priority,
+            "total": self.total,
+            "done": self.done,
+            "failed": self.failed,
+            "tasks": self.n_tasks,
+            "tasks_finished": self.tasks_finished,
+            "images_per_s": round(self.rate(), 4),
+            "eta_s": None if self.eta() is None else round(self.eta() or 0.0, 1),
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "seed": self.spec.seed,
+            "tags": self.spec.tags,
+        }
+
+
+class Ledger:
+    """Jobs, progress and task bookkeeping for one farm namespace."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "farm"):
+        self.r = client
+        self.ns = namespace
+        self._mark = client.register_script(_MARK)
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH_TASK)
+        self._release = client.register_script(_RELEASE)
+        self._transition = client.register_script(_TRANSITION)
+
+    # keys
+    def key(self, *parts: str) -> str:
+        return ":".join((self.ns, *parts))
+
+    def job_key(self, job_id: str, suffix: str = "") -> str:
+        return self.key("job", job_id) + (f":{suffix}" if suffix else "")
+
+    @property
+    def events_key(self) -> str:
+        return self.key("events")
+
+    # jobs
+    def create(self, spec: JobSpec, default_batch_size: int | None = None) -> JobRecord:
+        spec = spec.resolved()
+        plan = Plan(spec, default_batch_size)
+        job_id = uuid.uuid4().hex[:16]
+        now = time.time()
+        mapping = {
+            "id": job_id,
+            "spec": spec.model_dump_json(),
+            "state": "queued",
+            "total": plan.total,
+            "n_tasks": plan.n_tasks,
+            "batch_size": plan.batch_size,
+            "priority": spec.priority,
+            "done": 0,
+            "failed": 0,
+            "tasks_released": 0,
+            "tasks_started": 0,
+            "tasks_finished": 0,
+            "created_at": now,
+        }
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.job_key(job_id), mapping=mapping)
+        pipe.zadd(self.key("jobs"), {job_id: now})
+        pipe.zadd(self.key("active"), {job_id: now})
+        pipe.xadd(
+            self.events_key,
+            {"type": "job-queued", "job": job_id, "total": plan.total},
+            maxlen=EVENTS_MAXLEN,
+            approximate=True,
+        )
+        pipe.execute()
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        h = self.r.hgetall(self.job_key(job_id))
+        if not h:
+            raise JobNotFound(job_id)
+        return _record(h)
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.r.exists(self.job_key(job_id)))
+
+    def list(self, limit: int = 50, offset: int = 0, state: str | None = None) -> list[JobRecord]:
+        ids = self.r.zrevrange(self.key("jobs"), 0, -1) if state else self.r.zrevrange(
+            self.key("jobs"), offset, offset + limit - 1
+        )
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self.job_key(_s(job_id)))
+        records = [_record(h) for h in pipe.execute() if h]
+        if state:
+            records = [j for j in records if j.state == state][offset : offset + limit]
+        return records
+
+    def active(self) -> list[JobRecord]:
+        ids = self.r.zrange(self.key("active"), 0, -1)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self.job_key(_s(job_id)))
+        return [_record(h) for h in pipe.execute() if h]
+
+    # task life cycle
+    def release(self, job_id: str, n: int) -> range:
+        """Reserve up to ``n`` next task numbers of a runnable job."""
+        start, count = self._release(keys=[self.job_key(job_id)], args=[n])
+        return range(int(start), int(start) + int(count))
+
+    def claim(self, job_id: str, task_no: int, worker: str) -> str:
+        """Called by a worker before it starts a task: 'ok', or the state that forbids it."""
+        res = self._claim(
+            keys=[self.job_key(job_id), self.events_key],
+            args=[task_no, worker, time.time(), job_id],
+        )
+        return _s(res)
+
+    def finish_task(self, job_id: str, task_no: int) -> bool:
+        """Mark a task finished; False if it was already (a duplicate run)."""
+        res = self._finish(
+            keys=[self.job_key(job_id), self.job_key(job_id, "tasks")], args=[task_no]
+        )
+        return int(res) >= 0
+
+    def mark(self, job_id: str, indices: list[int], ok: bool = True) -> dict[str, Any]:
+        """Record images as done (or failed). Returns the deltas and the new counters."""
+        if not indices:
+            return {"changed_done": 0, "changed_failed": 0}
+        dd, fd, done, failed, state = self._mark(
+            keys=[
+                self.job_key(job_id),
+                self.job_key(job_id, "done"),
+                self.job_key(job_id, "failed"),
+                self.key("active"),
+                self.events_key,
+            ],
+            args=["1" if ok else "0", time.time(), job_id, *indices],
+        )
+        return {
+            "changed_done": int(dd),
+            "changed_failed": int(fd),
+            "done": int(done),
+            "failed": int(failed),
+            "state": _s(state),
+        }
+
+    def is_done(self, job_id: str, index: int) -> bool:
+        return bool(self.r.getbit(self.job_key(job_id, "done"), index))
+
+    def done_indices(self, job_id: str, offset: int = 0, limit: int = 100) -> list[int]:
+        """Indices of stored images, in order, skipping the first ``offset`` of them."""
+        job = self.get(job_id)
+        out: list[int] = []
+        seen = 0
+        chunk = 1 << 16  # bits per GETRANGE
+        key = self.job_key(job_id, "done")
+        for base in range(0, job.total, chunk):
+            data = self.r.getrange(key, base // 8, (base + chunk) // 8 - 1)
+            for byte_i, byte in enumerate(data):
+                if not byte:
+                    continue
+                for bit in range(8):
+                    if byte & (0x80 >> bit):
+                        idx = base + byte_i * 8 + bit
+                        if idx >= job.total:
+                            break
+                        if seen >= offset:
+                            out.append(idx)
+                            if len(out) >= limit:
+                                return out
+                        seen += 1
+        return out
+
+    # controls
+    def transition(self, job_id: str, to: str, allowed_from: tuple[str, ...]) -> str:
+        res = self._transition(
+            keys=[self.job_key(job_id), self.key("active"), self.events_key],
+            args=[job_id, time.time(), to, ",".join(allowed_from)],
+        )
+        return _s(res)
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job: 'ok', or the state it was in if that cannot be cancelled.
+
+        Once this returns, no new task of the job starts (workers claim every task
+        against the job state first); images already stored stay.
+        """
+        return self.transition(job_id, "cancelled", ("queued", "running", "paused"))
+
+    # events
+    def events(self, after: str = "", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
+        """Events after stream id ``after`` (all from the start when empty)."""
+        start = f"({after}" if after else "-"
+        return [
+            (_s(i), {_s(k): _s(v) for k, v in f.items()})
+            for i, f in self.r.xrange(self.events_key, min=start, count=count)
+        ]
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _f(v: Any) -> float | None:
+    return float(v) if v not in (None, b"", "") else None
+
+
+def _record(h: dict[Any, Any]) -> JobRecord:
+    h = {_s(k): _s(v) for k, v in h.items()}
+    return JobRecord(
+        id=h["id"],
+        spec=JobSpec.model_construct(**json.loads(h["spec"])),  # validated at submit
+        state=h["state"],
+        total=int(h["total"]),
+        n_tasks=int(h["n_tasks"]),
+        done=int(h.get("done", 0)),
+        failed=int(h.get("failed", 0)),
+        tasks_released=int(h.get("tasks_released", 0)),
+        tasks_started=int(h.get("tasks_started", 0)),
+        tasks_finished=int(h.get("tasks_finished", 0)),
+        created_at=float(h["created_at"]),
+        started_at=_f(h.get("started_at")),
+        finished_at=_f(h.get("finished_at")),
+        extra={"batch_size": int(h.get("batch_size", 0)) or None},
+    )
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))

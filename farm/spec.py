@@ -1,0 +1,392 @@
+"""Job spec and its expansion into images and tasks by index arithmetic.
+
+A job asks for ``cells x prompts x count`` images, where the cells are the cartesian
+product of the ``sweep`` values (like an X/Y/Z grid, first sweep key varying slowest).
+Image ``k`` is::
+
+    k = (cell * n_prompts + prompt_index) * count + repeat
+    seed(k) = job seed + repeat
+
+Nothing is expanded per image at submit time: every image and every task is computed
+from its index, so accepting a million-image job costs the same as a one-image job.
+A task is a contiguous range of images inside one cell, so all its images share the
+model and the shape (and every other swept setting).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from farm.config import Config
+from workers.engine.names import SAMPLERS, SCHEDULES
+
+MAX_SEED = 2**32 - 1
+SWEEPABLE = (
+    "model",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "cfg_scale",
+    "sampler_name",
+    "scheduler",
+)
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+_limits: Config = Config.from_env()
+
+
+def set_limits(config: Config) -> None:
+    """Use the limits of ``config`` for every spec validated from now on."""
+    global _limits
+    _limits = config
+
+
+def limits() -> Config:
+    return _limits
+
+
+# Field checks shared by the spec's own fields and by sweep values. Each returns the
+# normalised value or raises ValueError with a message that names the allowed range.
+def _check_model(v: Any) -> str:
+    if not isinstance(v, str) or not _MODEL_RE.match(v):
+        raise ValueError("must be a model name: letters, digits, '.', '_', '-' (1-128 chars)")
+    return v
+
+
+def _check_text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    if len(v) > _limits.max_prompt_chars:
+        raise ValueError(f"must be at most {_limits.max_prompt_chars} characters")
+    return v
+
+
+def _check_side(v: Any, name: str, maximum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("must be an integer")
+    if not 64 <= v <= maximum or v % 8:
+        raise ValueError(f"must be a multiple of 8 between 64 and {maximum}")
+    return v
+
+
+def _check_width(v: Any) -> int:
+    return _check_side(v, "width", _limits.max_width)
+
+
+def _check_height(v: Any) -> int:
+    return _check_side(v, "height", _limits.max_height)
+
+
+def _check_steps(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("must be an integer")
+    if not 1 <= v <= _limits.max_steps:
+        raise ValueError(f"must be between 1 and {_limits.max_steps}")
+    return v
+
+
+def _check_cfg(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError("must be a number")
+    if not 0.0 <= v <= _limits.max_cfg_scale:
+        raise ValueError(f"must be between 0 and {_limits.max_cfg_scale}")
+    return float(v)
+
+
+def _check_sampler(v: Any) -> str:
+    if v not in SAMPLERS:
+        raise ValueError(f"must be one of {', '.join(SAMPLERS)}")
+    return v
+
+
+def _check_schedule(v: Any) -> str:
+    if v not in SCHEDULES:
+        raise ValueError(f"must be one of {', '.join(SCHEDULES)}")
+    return v
+
+
+CHECKS = {
+    "model": _check_model,
+    "negative_prompt": _check_text,
+    "width": _check_width,
+    "height": _check_height,
+    "steps": _check_steps,
+    "cfg_scale": _check_cfg,
+    "sampler_name": _check_sampler,
+    "scheduler": _check_schedule,
+}
+
+
+class JobSpec(BaseModel):
+    """What a client asks for. Names follow A1111's txt2img API where one exists."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="registered model name")
+    prompt: str | list[str] = Field(description="one prompt or a list of prompts")
+    negative_prompt: str = ""
+    count: int = Field(1, description="images per prompt and sweep cell (repeats)")
+    seed: int = Field(-1, description="job seed; -1 picks one at submit and records it")
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler_name: str = "Euler a"
+    scheduler: str = "Automatic"
+    batch_size: int | None = Field(None, description="images per task; default from config")
+    priority: int = Field(50, description="0 (lowest) to 100 (highest)")
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description=f"field -> values, cartesian product; fields: {', '.join(SWEEPABLE)}",
+    )
+    output_prefix: str = ""
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _check_model(v)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must not be an empty list")
+            if len(v) > _limits.max_prompts:
+                raise ValueError(f"must hold at most {_limits.max_prompts} prompts")
+            for i, p in enumerate(v):
+                try:
+                    _check_text(p)
+                except ValueError as exc:
+                    raise ValueError(f"item {i}: {exc}") from None
+            return v
+        return _check_text(v)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative(cls, v: str) -> str:
+        return _check_text(v)
+
+    @field_validator("count")
+    @classmethod
+    def _count(cls, v: int) -> int:
+        if not 1 <= v <= _limits.max_images:
+            raise ValueError(f"must be between 1 and {_limits.max_images}")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not -1 <= v <= MAX_SEED:
+            raise ValueError(f"must be -1 (random) or between 0 and {MAX_SEED}")
+        return v
+
+    @field_validator("width")
+    @classmethod
+    def _width(cls, v: int) -> int:
+        return _check_width(v)
+
+    @field_validator("height")
+    @classmethod
+    def _height(cls, v: int) -> int:
+        return _check_height(v)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        return _check_steps(v)
+
+    @field_validator("cfg_scale")
+    @classmethod
+    def _cfg(cls, v: float) -> float:
+        return _check_cfg(v)
+
+    @field_validator("sampler_name")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        return _check_sampler(v)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        return _check_schedule(v)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= _limits.max_batch_size:
+            raise ValueError(f"must be between 1 and {_limits.max_batch_size}")
+        return v
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, v: int) -> int:
+        if not 0 <= v <= 100:
+            raise ValueError("must be between 0 and 100")
+        return v
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for name, values in v.items():
+            if name not in CHECKS:
+                raise ValueError(f"{name!r} cannot be swept; allowed: {', '.join(SWEEPABLE)}")
+            if not values:
+                raise ValueError(f"{name}: must list at least one value")
+            if len(values) > _limits.max_sweep_values:
+                raise ValueError(f"{name}: at most {_limits.max_sweep_values} values")
+            checked = []
+            for i, value in enumerate(values):
+                try:
+                    checked.append(CHECKS[name](value))
+                except ValueError as exc:
+                    raise ValueError(f"{name}[{i}]: {exc}") from None
+            out[name] = checked
+        return out
+
+    @field_validator("output_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v and (not _PREFIX_RE.match(v) or ".." in v.split("/") or len(v) > 256):
+            raise ValueError(
+                "must be '/'-separated segments of letters, digits, '.', '_', '-' "
+                "(no '..', at most 256 chars)"
+            )
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        if len(v) > 32 or any(len(t) > 64 for t in v):
+            raise ValueError("at most 32 tags of at most 64 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _total(self) -> JobSpec:
+        total = self.count * len(self.prompts) * math.prod(len(x) for x in self.sweep.values())
+        if total > _limits.max_images:
+            raise ValueError(
+                f"count x prompts x sweep cells = {total} images; at most {_limits.max_images}"
+            )
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.prompt if isinstance(self.prompt, list) else [self.prompt]
+
+    def resolved(self) -> JobSpec:
+        """The spec with a concrete seed, as it is recorded at submit."""
+        if self.seed != -1:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    """Everything needed to render image ``index`` of a job."""
+
+    index: int
+    cell: int
+    prompt_index: int
+    repeat: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    model: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    sampler_name: str
+    scheduler: str
+
+
+@dataclass(frozen=True)
+class TaskRange:
+    task_no: int
+    start: int  # first image index
+    end: int  # one past the last image index
+    cell: int
+
+
+class Plan:
+    """Index arithmetic over a (resolved) spec: images, cells and tasks, all O(1)."""
+
+    def __init__(self, spec: JobSpec, default_batch_size: int | None = None):
+        if spec.seed < 0:
+            raise ValueError("plan needs a resolved spec (seed chosen)")
+        self.spec = spec
+        self.sweep_keys = list(spec.sweep)
+        self.sweep_sizes = [len(spec.sweep[k]) for k in self.sweep_keys]
+        self.n_cells = math.prod(self.sweep_sizes)
+        self.n_prompts = len(spec.prompts)
+        self.per_cell = self.n_prompts * spec.count
+        self.total = self.n_cells * self.per_cell
+        bs = spec.batch_size or default_batch_size or _limits.default_batch_size
+        self.batch_size = max(1, min(bs, self.per_cell))
+        self.tasks_per_cell = -(-self.per_cell // self.batch_size)
+        self.n_tasks = self.n_cells * self.tasks_per_cell
+
+    def cell_values(self, cell: int) -> dict[str, Any]:
+        if not 0 <= cell < self.n_cells:
+            raise IndexError(f"cell {cell} out of range 0..{self.n_cells - 1}")
+        values: dict[str, Any] = {}
+        for key, size in zip(reversed(self.sweep_keys), reversed(self.sweep_sizes)):
+            cell, i = divmod(cell, size)
+            values[key] = self.spec.sweep[key][i]
+        return values
+
+    def cell_settings(self, cell: int) -> dict[str, Any]:
+        s = self.spec
+        base = {
+            "model": s.model,
+            "negative_prompt": s.negative_prompt,
+            "width": s.width,
+            "height": s.height,
+            "steps": s.steps,
+            "cfg_scale": s.cfg_scale,
+            "sampler_name": s.sampler_name,
+            "scheduler": s.scheduler,
+        }
+        base.update(self.cell_values(cell))
+        return base
+
+    def image(self, index: int) -> ImageParams:
+        if not 0 <= index < self.total:
+            raise IndexError(f"image {index} out of range 0..{self.total - 1}")
+        cell, rest = divmod(index, self.per_cell)
+        prompt_index, repeat = divmod(rest, self.spec.count)
+        return ImageParams(
+            index=index,
+            cell=cell,
+            prompt_index=prompt_index,
+            repeat=repeat,
+            prompt=self.spec.prompts[prompt_index],
+            seed=self.spec.seed + repeat,
+            **self.cell_settings(cell),
+        )
+
+    def task(self, task_no: int) -> TaskRange:
+        if not 0 <= task_no < self.n_tasks:
+            raise IndexError(f"task {task_no} out of range 0..{self.n_tasks - 1}")
+        cell, j = divmod(task_no, self.tasks_per_cell)
+        start = cell * self.per_cell + j * self.batch_size
+        end = min(start + self.batch_size, (cell + 1) * self.per_cell)
+        return TaskRange(task_no, start, end, cell)
+
+    def task_of(self, index: int) -> int:
+        cell, rest = divmod(index, self.per_cell)
+        return cell * self.tasks_per_cell + rest // self.batch_size
+
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(self.spec.sweep.get("model", [self.spec.model])))

@@ -1,0 +1,186 @@
+"""The embedded stack of ``farm up``: every part of the farm on one machine.
+
+A Redis-compatible server (unless ``FARM_REDIS_URL`` is set), the API, the scheduler,
+Flower and one worker per local device, each its own process. Storage comes from
+``FARM_STORAGE_URL`` (default a local folder). ``stop()`` ends all it started.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import redis
+
+from farm.config import Config
+from farm.models import ModelEntry, ModelRegistry
+from farm.redis_server import RedisProcess
+from storage import open_store
+from storage.models import ModelStore
+
+
+def ensure_default_model(config: Config, client: redis.Redis) -> ModelEntry:
+    """Register the default model if it is missing.
+
+    Until a trained demo checkpoint ships, the default is a tiny random-weight SD1.x
+    checkpoint written on first use: it exercises the real loading and sampling path
+    (its pictures are noise).
+    """
+    registry = ModelRegistry(client, config.namespace)
+    existing = registry.get(config.default_model)
+    if existing is not None:
+        return existing
+    path = Path(config.data_dir) / "checkpoints" / f"{config.default_model}.safetensors"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "workers.engine.tiny", str(path)],
+            check=True,
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+        )
+    return register_model(config, client, path, config.default_model)
+
+
+def register_model(config: Config, client: redis.Redis, path: Path, name: str) -> ModelEntry:
+    """Put a checkpoint into storage under its sha256 and register ``name`` for it."""
+    from farm.models import probe_engine
+
+    engine = probe_engine(path)
+    if engine != "sd1":
+        raise ValueError(f"{path}: model family {engine!r} is not supported yet (sd1 only)")
+    store = ModelStore(open_store(config.storage_url), config.model_cache)
+    blob = store.add(path)
+    return ModelRegistry(client, config.namespace).add(
+        ModelEntry(name=name, engine=engine, sha256=blob.sha256, size=blob.size, key=blob.key)
+    )
+
+
+def _wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status < 500:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+class Stack:
+    def __init__(
+        self,
+        config: Config,
+        devices: str = "auto",
+        flower: bool = True,
+        log_dir: Path | None = None,
+    ):
+        self.devices = devices
+        self.flower = flower
+        self.redis_proc: RedisProcess | None = None
+        self.config = config
+        self.log_dir = log_dir or Path(config.data_dir) / "logs"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.config.api_host}:{self.config.api_port}"
+
+    @property
+    def flower_url(self) -> str:
+        return f"http://{self.config.api_host}:{self.config.flower_port}"
+
+    def start(self) -> Stack:
+        if not self.config.redis_url:
+            self.redis_proc = RedisProcess(Path(self.config.data_dir) / "redis").start()
+            self.config = replace(self.config, redis_url=self.redis_proc.url)
+        client = redis.Redis.from_url(self.config.redis())
+        client.ping()
+        ensure_default_model(self.config, client)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "FARM_REDIS_URL": self.config.redis(),
+            "FARM_STORAGE_URL": self.config.storage_url,
+            "FARM_MODEL_CACHE": self.config.model_cache,
+            "FARM_NAMESPACE": self.config.namespace,
+            "FARM_DATA_DIR": self.config.data_dir,
+        }
+        py = sys.executable
+        self._spawn("api", [py, "-m", "farm.cli", "api"], env)
+        self._spawn("scheduler", [py, "-m", "farm.cli", "scheduler"], env)
+        self._spawn("workers", [py, "-m", "farm.cli", "worker", "--devices", self.devices], env)
+        if self.flower:
+            self._spawn(
+                "flower",
+                [
+                    py, "-m", "celery", "-A", "farm.flower_app", "flower",
+                    f"--address={self.config.api_host}", f"--port={self.config.flower_port}",
+                    "--task_runtime_metric_buckets=0.5,1,2,5,10,30,60,120,300,600,inf",
+                ],
+                {**env, "FLOWER_UNAUTHENTICATED_API": "true"},
+            )  # fmt: skip
+        if not _wait_http(self.api_url + "/healthz", 60):
+            self.stop()
+            raise RuntimeError(f"the API did not come up; see {self.log_dir / 'api.log'}")
+        return self
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+
+    def wait_for_workers(self, n: int = 1, timeout: float = 120.0) -> bool:
+        from farm.workers_registry import WorkerRegistry
+
+        reg = WorkerRegistry(redis.Redis.from_url(self.config.redis()), self.config.namespace)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(reg.live()) >= n:
+                return True
+            dead = [k for k, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited; see {self.log_dir}")
+            time.sleep(0.3)
+        return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if self.redis_proc is not None:
+            self.redis_proc.stop()
+            self.redis_proc = None
+
+    def describe(self) -> dict[str, str]:
+        info = {
+            "api": self.api_url,
+            "dashboard (Flower)": self.flower_url if self.flower else "off",
+            "redis": self.config.redis(),
+            "storage": open_store(self.config.storage_url).describe(),
+            "logs": str(self.log_dir),
+        }
+        return info
+
+
+def redis_reachable(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False

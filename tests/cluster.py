@@ -1,0 +1,145 @@
+"""A whole farm on real servers for integration tests.
+
+A Redis-compatible server process, moto's S3 over HTTP, ``farm worker --devices cpu:N``
+(one Celery worker subprocess per slot) and the scheduler loop in a thread that a test
+can hold back to release tasks by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import boto3
+import redis
+
+from farm.celery_app import make_app
+from farm.config import Config
+from farm.jobs import JobRecord, Ledger
+from farm.stack import register_model
+from farm.workers_registry import WorkerRegistry
+from scheduler.service import Scheduler
+from storage import open_store
+from tests.servers import MotoServer, RedisServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Cluster:
+    def __init__(self, tmp: Path, workers: int = 2, models: dict[str, Path] | None = None):
+        self.tmp = tmp
+        self.n_workers = workers
+        self.models = models or {}
+        self.redis_server = RedisServer()
+        self.moto = MotoServer()
+        self.bucket = "farm-" + uuid.uuid4().hex[:8]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.sched_enabled = threading.Event()
+        self.sched_enabled.set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Cluster:
+        self.redis_server.__enter__()
+        self.moto.__enter__()
+        for k, v in self.moto.env.items():
+            os.environ[k] = v  # boto3 in this process (S3Store, checks)
+        self.config = replace(
+            Config.from_env({}),
+            data_dir=str(self.tmp),
+            redis_url=self.redis_server.url,
+            namespace="t" + uuid.uuid4().hex[:6],
+            storage_url=f"s3://{self.bucket}/out?create=1",
+            model_cache=str(self.tmp / "worker-cache"),
+            worker_ttl=10,
+            queue_depth=2,
+            scheduler_interval=0.05,
+        )
+        self.r = redis.Redis.from_url(self.config.redis())
+        self.ledger = Ledger(self.r, self.config.namespace)
+        self.store = open_store(self.config.storage_url)
+        self.s3 = boto3.client("s3", **self.moto.client_kwargs)
+        # register with a separate cache so workers really fetch from S3
+        upload_cfg = replace(self.config, model_cache=str(self.tmp / "upload-cache"))
+        for name, path in self.models.items():
+            register_model(upload_cfg, self.r, path, name)
+        self.start_workers()
+        self.scheduler = Scheduler(self.config, self.r)
+        self._thread = threading.Thread(target=self._sched_loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def env(self) -> dict[str, str]:
+        c = self.config
+        return {
+            **os.environ,
+            **self.moto.env,
+            "FARM_REDIS_URL": c.redis_url,
+            "FARM_NAMESPACE": c.namespace,
+            "FARM_STORAGE_URL": c.storage_url,
+            "FARM_MODEL_CACHE": c.model_cache,
+            "FARM_WORKER_TTL": str(c.worker_ttl),
+            "FARM_DATA_DIR": c.data_dir,
+            "PYTHONPATH": str(ROOT),
+            "TRANSFORMERS_VERBOSITY": "error",
+            "HF_HUB_OFFLINE": "1",
+        }
+
+    def start_workers(self, timeout: float = 120.0) -> None:
+        log = open(self.tmp / "workers.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "farm.cli", "worker", "--devices", f"cpu:{self.n_workers}",
+             "--loglevel", "WARNING"],
+            env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+        self.procs.append(proc)
+        reg = WorkerRegistry(self.r, self.config.namespace)
+        deadline = time.monotonic() + timeout
+        while len(reg.live()) < self.n_workers:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("workers did not start:\n" + self.worker_log()[-3000:])
+            time.sleep(0.2)
+
+    def worker_log(self) -> str:
+        return (self.tmp / "workers.log").read_text(errors="replace")
+
+    def _sched_loop(self) -> None:
+        while not self._stop.is_set():
+            if self.sched_enabled.is_set():
+                self.scheduler.tick()
+            time.sleep(self.config.scheduler_interval)
+
+    def celery(self) -> Any:
+        return make_app(self.config)
+
+    def wait(self, job_id: str, timeout: float = 180.0) -> JobRecord:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.ledger.get(job_id)
+            if job.state in ("done", "failed", "cancelled") and job.outstanding == 0:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{job.summary()}\n{self.worker_log()[-3000:]}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.moto.__exit__(None, None, None)
+        self.redis_server.__exit__(None, None, None)

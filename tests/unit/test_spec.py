@@ -1,0 +1,99 @@
+"""Job spec validation and the index arithmetic of images and tasks (pure code)."""
+
+import itertools
+
+import pytest
+from pydantic import ValidationError
+
+from farm.spec import JobSpec, Plan
+
+
+def spec(**kw):
+    base = {"model": "m", "prompt": "p", "seed": 100}
+    base.update(kw)
+    return JobSpec(**base)
+
+
+def test_images_follow_index_arithmetic_against_a_naive_expansion():
+    s = spec(
+        prompt=["a", "b", "c"],
+        count=4,
+        sweep={"cfg_scale": [3, 7.5], "steps": [5, 10, 20], "width": [64, 128]},
+        batch_size=5,
+    )
+    plan = Plan(s)
+    naive = []
+    for cfg, steps, width in itertools.product([3.0, 7.5], [5, 10, 20], [64, 128]):
+        for p in ["a", "b", "c"]:
+            for r in range(4):
+                naive.append((cfg, steps, width, p, 100 + r))
+    assert plan.total == len(naive) == 2 * 3 * 2 * 3 * 4
+    for k, want in enumerate(naive):
+        img = plan.image(k)
+        assert (img.cfg_scale, img.steps, img.width, img.prompt, img.seed) == want
+
+
+def test_tasks_cover_every_image_once_and_never_cross_a_cell():
+    s = spec(prompt=["a", "b"], count=7, sweep={"model": ["x", "y", "z"]}, batch_size=4)
+    plan = Plan(s)
+    seen = []
+    for t in range(plan.n_tasks):
+        tr = plan.task(t)
+        assert 1 <= tr.end - tr.start <= 4
+        cells = {plan.image(i).cell for i in range(tr.start, tr.end)}
+        models = {plan.image(i).model for i in range(tr.start, tr.end)}
+        assert len(cells) == 1 and len(models) == 1
+        for i in range(tr.start, tr.end):
+            assert plan.task_of(i) == t
+        seen.extend(range(tr.start, tr.end))
+    assert seen == list(range(plan.total))
+    assert plan.models() == ["x", "y", "z"]
+
+
+def test_a_million_images_plan_in_constant_time():
+    plan = Plan(spec(count=1_000_000, batch_size=8))
+    assert plan.total == 1_000_000 and plan.n_tasks == 125_000
+    last = plan.task(plan.n_tasks - 1)
+    assert (last.start, last.end) == (999_992, 1_000_000)
+    assert plan.image(999_999).seed == 100 + 999_999
+
+
+def test_random_seed_is_resolved_and_recorded():
+    s = spec(seed=-1).resolved()
+    assert 0 <= s.seed < 2**32
+    with pytest.raises(ValueError):
+        Plan(spec(seed=-1))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("width", 65),
+        ("width", 8),
+        ("height", 100000),
+        ("steps", 0),
+        ("cfg_scale", -1),
+        ("sampler_name", "Heun 9000"),
+        ("scheduler", "Nope"),
+        ("priority", 101),
+        ("count", 0),
+        ("seed", -2),
+        ("batch_size", 0),
+        ("output_prefix", "../etc"),
+        ("sweep", {"prompt": ["x"]}),
+        ("sweep", {"cfg_scale": []}),
+        ("sweep", {"steps": [10, -1]}),
+        ("prompt", []),
+        ("model", "bad name!"),
+    ],
+)
+def test_invalid_fields_are_rejected_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as err:
+        spec(**{field: value})
+    locs = [e["loc"][0] for e in err.value.errors()]
+    assert field in locs
+
+
+def test_total_over_the_limit_is_rejected():
+    with pytest.raises(ValidationError, match="images; at most"):
+        spec(count=10_000_000, prompt=["a", "b"])

@@ -1,0 +1,5 @@
+"""Entry point for ``celery -A workers.app worker``."""
+
+from workers.tasks import app
+
+__all__ = ["app"]

@@ -1,0 +1,86 @@
+"""The render task: one contiguous image range of one job, from claim to stored PNGs.
+
+Running the same task twice is harmless: images already marked done are skipped, the
+PNG keys are deterministic, and the ledger counts an image only when its bit flips.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from farm.celery_app import RenderMessage
+from farm.spec import ImageParams, Plan
+from storage.keys import image_key
+from storage.png import encode_png, format_parameters
+from workers.engine.base import BatchRequest, ImageRequest
+from workers.runtime import Runtime
+
+log = logging.getLogger("farm.worker")
+
+
+def run_render(rt: Runtime, msg: RenderMessage) -> dict[str, Any]:
+    state = rt.ledger.claim(msg.job_id, msg.task_no, rt.name)
+    if state != "ok":
+        # paused/cancelled/finished job: the task is consumed without rendering
+        rt.ledger.finish_task(msg.job_id, msg.task_no)
+        return {"job": msg.job_id, "task": msg.task_no, "skipped": state}
+    job = rt.ledger.get(msg.job_id)
+    plan = job.plan
+    task = plan.task(msg.task_no)
+    todo = [plan.image(i) for i in range(task.start, task.end) if not rt.ledger.is_done(job.id, i)]
+    rt.current_task = f"{job.id}/{msg.task_no}"
+    try:
+        if todo:
+            _render_images(rt, job.id, job.spec.output_prefix or rt.config.output_prefix, todo)
+    finally:
+        rt.current_task = None
+        rt.ledger.finish_task(job.id, msg.task_no)
+    rt.stats.tasks += 1
+    return {"job": job.id, "task": msg.task_no, "rendered": len(todo)}
+
+
+def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImageParams]) -> None:
+    first = images[0]
+    indices = [p.index for p in images]
+    try:
+        engine = rt.engine_for(first.model)
+        batch = BatchRequest(
+            images=tuple(ImageRequest(p.prompt, p.negative_prompt, p.seed) for p in images),
+            width=first.width,
+            height=first.height,
+            steps=first.steps,
+            cfg_scale=first.cfg_scale,
+            sampler_name=first.sampler_name,
+            scheduler=first.scheduler,
+        )
+        t0 = time.perf_counter()
+        pictures = engine.render(batch)
+        rt.stats.render_seconds += time.perf_counter() - t0
+        entry = rt.models.get(first.model)
+        model_hash = entry.sha256[:10] if entry and entry.sha256 else None
+        for p, picture in zip(images, pictures, strict=True):
+            text = format_parameters(
+                prompt=p.prompt,
+                negative_prompt=p.negative_prompt,
+                steps=p.steps,
+                sampler_name=p.sampler_name,
+                scheduler=p.scheduler,
+                cfg_scale=p.cfg_scale,
+                seed=p.seed,
+                width=p.width,
+                height=p.height,
+                model=p.model,
+                model_hash=model_hash,
+                extra={"Farm job": job_id, "Farm index": p.index},
+            )
+            rt.store.put_bytes(
+                image_key(prefix, job_id, p.index, p.seed), encode_png(picture, text), "image/png"
+            )
+    except Exception:
+        log.exception("task of job %s images %s..%s failed", job_id, indices[0], indices[-1])
+        rt.ledger.mark(job_id, indices, ok=False)
+        raise
+    rt.ledger.mark(job_id, indices, ok=True)
+    rt.stats.images += len(indices)
