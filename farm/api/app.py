@@ -6,9 +6,10 @@ Nothing here imports torch: the API validates specs against the engine's sampler
 
 from __future__ import annotations
 
+import builtins
 import re
 import threading
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import redis
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -19,6 +20,7 @@ import storage
 from farm.api import errors
 from farm.api.errors import FieldError, SafeJSONResponse
 from farm.api.schemas import (
+    BODY_ERRORS,
     ERRORS,
     NOT_FOUND,
     ErrorBody,
@@ -38,7 +40,7 @@ from storage.keys import image_key
 
 TITLE = "render farm"
 MAX_BODY_BYTES = 64 * 1024 * 1024
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class BodyLimit:
@@ -80,7 +82,7 @@ class Farm:
             return self._store
 
     def job(self, job_id: str) -> JobRecord:
-        if not _JOB_ID.match(job_id):
+        if not _JOB_ID.fullmatch(job_id):
             raise HTTPException(404, f"no job {job_id!r}")
         try:
             return self.ledger.get(job_id)
@@ -97,7 +99,7 @@ class Farm:
             image_key(prefix, "job", 0, 0)
         except ValueError as exc:
             raise FieldError("output_prefix", str(exc).replace("storage key", "prefix")) from None
-        if prefix != prefix.strip() or any(c.isspace() for c in prefix):
+        if any(c.isspace() for c in prefix):
             raise FieldError("output_prefix", "must not contain whitespace")
 
     def check_models(self, spec: JobSpec) -> None:
@@ -105,8 +107,9 @@ class Farm:
         names += [(f"sweep.model[{i}]", m) for i, m in enumerate(spec.sweep.get("model", []))]
         for field, name in names:
             if self.models.get(name) is None:
-                known = ", ".join(e.name for e in self.models.list())
-                raise FieldError(field, f"unknown model {name!r}; registered: {known}")
+                known = [e.name for e in self.models.list()]
+                shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+                raise FieldError(field, f"unknown model {name!r}; registered: {shown}")
 
 
 def detail(job: JobRecord) -> dict[str, Any]:
@@ -160,7 +163,7 @@ def create_app(
         "/v1/jobs",
         status_code=201,
         response_model=JobDetail,
-        responses=ERRORS,
+        responses=BODY_ERRORS,
         summary="Submit a job",
     )
     def submit(spec: JobSpec) -> Response:
@@ -204,7 +207,8 @@ def create_app(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> Response:
         job = farm.job(job_id)
-        indices = farm.ledger.done_indices(job.id, offset=offset, limit=limit)
+        # (cast: inside Ledger, ``list[int]`` resolves to its method ``list`` for mypy)
+        indices = cast("builtins.list[int]", farm.ledger.done_indices(job.id, offset, limit))
         plan = Plan(job.spec, job.extra.get("batch_size"))
         prefix = job.spec.output_prefix or config.output_prefix
         store = farm.store() if indices else None

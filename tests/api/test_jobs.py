@@ -1,0 +1,193 @@
+"""Job endpoints against a real Redis server: submit, get, list, cancel, images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from fastapi.testclient import TestClient
+
+from farm.config import Config
+from farm.jobs import Ledger
+from farm.models import ModelEntry, ModelRegistry
+from farm.spec import MAX_SEED
+from storage import LocalStore
+from storage.keys import image_key
+
+Submit = Callable[..., dict[str, Any]]
+
+
+def ledger(client: redis.Redis, config: Config) -> Ledger:
+    return Ledger(client, config.namespace)
+
+
+def test_submit_returns_201_with_summary(submit: Submit) -> None:
+    job = submit(prompt=["a", "b", "c"], count=3, seed=7)
+    assert job["state"] == "queued"
+    assert job["total"] == 9
+    assert job["tasks"] == 3  # default_batch_size 4 over 9 images in one cell
+    assert job["seed"] == 7
+    assert job["done"] == 0 and job["failed"] == 0
+    assert job["spec"]["prompt"] == ["a", "b", "c"]
+    assert job["batch_size"] == 4
+    assert len(job["id"]) == 16
+
+
+def test_submit_random_seed_is_recorded(submit: Submit, client: TestClient) -> None:
+    job = submit(seed=-1)
+    assert 0 <= job["seed"] <= MAX_SEED
+    again = client.get(f"/v1/jobs/{job['id']}").json()
+    assert again["seed"] == job["seed"] == again["spec"]["seed"]
+
+
+def test_submit_sweep_counts_cells(submit: Submit) -> None:
+    job = submit(count=2, batch_size=3, sweep={"width": [256, 512], "cfg_scale": [1, 5, 9]})
+    assert job["total"] == 2 * 3 * 2
+    assert job["tasks"] == 6  # one task per cell: 2 images, batch 3
+
+
+def test_get_job_includes_spec(submit: Submit, client: TestClient) -> None:
+    job = submit(tags=["nightly"], negative_prompt="blurry", width=256)
+    r = client.get(f"/v1/jobs/{job['id']}")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"] == job["id"]
+    assert body["tags"] == ["nightly"]
+    assert body["spec"]["negative_prompt"] == "blurry"
+    assert body["spec"]["width"] == 256
+    assert body["spec"]["model"] == "synthetic"
+
+
+def test_get_unknown_job_is_404(client: TestClient) -> None:
+    for job_id in ("0123456789abcdef", "..", "x" * 200, "%F0%9F%A6%8A", "a%00b"):
+        r = client.get(f"/v1/jobs/{job_id}")
+        assert r.status_code == 404, (job_id, r.text)
+        assert isinstance(r.json()["detail"], str)
+
+
+def test_list_newest_first_with_paging(submit: Submit, client: TestClient) -> None:
+    ids = [submit(prompt=f"p{i}")["id"] for i in range(5)]
+    r = client.get("/v1/jobs")
+    assert r.status_code == 200
+    assert [j["id"] for j in r.json()] == ids[::-1]
+    page = client.get("/v1/jobs", params={"limit": 2, "offset": 1}).json()
+    assert [j["id"] for j in page] == ids[::-1][1:3]
+
+
+def test_list_filters_by_state(submit: Submit, client: TestClient) -> None:
+    a, b, c = (submit()["id"] for _ in range(3))
+    assert client.post(f"/v1/jobs/{b}/cancel").status_code == 200
+    cancelled = client.get("/v1/jobs", params={"state": "cancelled"}).json()
+    assert [j["id"] for j in cancelled] == [b]
+    queued = client.get("/v1/jobs", params={"state": "queued"}).json()
+    assert [j["id"] for j in queued] == [c, a]
+    assert client.get("/v1/jobs", params={"state": ""}).status_code == 200
+
+
+def test_list_rejects_bad_state_and_paging(client: TestClient) -> None:
+    r = client.get("/v1/jobs", params={"state": "sleeping"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["field"] == "state"
+    assert "queued" in r.json()["detail"][0]["msg"]
+    for params, field in (
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"offset": -1}, "offset"),
+        ({"limit": "many"}, "limit"),
+    ):
+        r = client.get("/v1/jobs", params=params)
+        assert r.status_code == 422, params
+        assert [d["field"] for d in r.json()["detail"]] == [field]
+
+
+def test_cancel_twice_is_fine(submit: Submit, client: TestClient) -> None:
+    job = submit()
+    for _ in range(2):
+        r = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert r.status_code == 200, r.text
+        assert r.json()["state"] == "cancelled"
+        assert r.json()["finished_at"] is not None
+
+
+def test_cancel_finished_job_is_409(
+    submit: Submit, client: TestClient, redis_client: redis.Redis, config: Config
+) -> None:
+    job = submit(count=2)
+    ledger(redis_client, config).mark(job["id"], [0, 1])
+    r = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 409
+    assert "done" in r.json()["detail"]
+    failed = submit()
+    ledger(redis_client, config).mark(failed["id"], [0], ok=False)
+    r = client.post(f"/v1/jobs/{failed['id']}/cancel")
+    assert r.status_code == 409
+    assert "failed" in r.json()["detail"]
+
+
+def test_cancel_unknown_job_is_404(client: TestClient) -> None:
+    assert client.post("/v1/jobs/ffffffffffffffff/cancel").status_code == 404
+
+
+def test_images_lists_done_images_only(
+    submit: Submit, client: TestClient, redis_client: redis.Redis, config: Config, store: LocalStore
+) -> None:
+    job = submit(prompt=["cat", "dog"], count=3, seed=100)
+    ledger(redis_client, config).mark(job["id"], [0, 2, 4, 5])
+    r = client.get(f"/v1/jobs/{job['id']}/images")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["job"] == job["id"]
+    assert body["next_offset"] is None
+    got = [(i["index"], i["seed"], i["prompt"]) for i in body["images"]]
+    # image k: prompt k // count, seed = job seed + k % count
+    assert got == [(0, 100, "cat"), (2, 102, "cat"), (4, 101, "dog"), (5, 102, "dog")]
+    for image in body["images"]:
+        key = image_key("renders", job["id"], image["index"], image["seed"])
+        assert image["key"] == key
+        assert image["url"] == store.url(key)
+        assert image["url"].startswith("file://")
+
+
+def test_images_paging_and_prefix(
+    submit: Submit, client: TestClient, redis_client: redis.Redis, config: Config
+) -> None:
+    job = submit(count=10, seed=5, output_prefix="team/run-1")
+    ledger(redis_client, config).mark(job["id"], list(range(1, 10, 2)))
+    url = f"/v1/jobs/{job['id']}/images"
+    first = client.get(url, params={"limit": 2}).json()
+    assert [i["index"] for i in first["images"]] == [1, 3]
+    assert first["next_offset"] == 2
+    assert first["images"][0]["key"] == f"team/run-1/{job['id']}/000001-6.png"
+    rest = client.get(url, params={"offset": 2, "limit": 3}).json()
+    assert [i["index"] for i in rest["images"]] == [5, 7, 9]
+    assert rest["next_offset"] == 5
+    assert client.get(url, params={"offset": 5}).json() == {
+        "job": job["id"],
+        "images": [],
+        "next_offset": None,
+    }
+    r = client.get(url, params={"limit": 1001})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "limit"
+    assert client.get("/v1/jobs/ffffffffffffffff/images").status_code == 404
+
+
+def test_unknown_model_names_the_field(
+    client: TestClient, redis_client: redis.Redis, config: Config
+) -> None:
+    r = client.post("/v1/jobs", json={"model": "no-such-model", "prompt": "x"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["field"] == "model"
+    assert "no-such-model" in r.json()["detail"][0]["msg"]
+    ModelRegistry(redis_client, config.namespace).add(
+        ModelEntry(name="sd15", engine="sd1", sha256="0" * 64)
+    )
+    ok = client.post("/v1/jobs", json={"model": "sd15", "prompt": "x"})
+    assert ok.status_code == 201, ok.text
+    r = client.post(
+        "/v1/jobs",
+        json={"model": "synthetic", "prompt": "x", "sweep": {"model": ["sd15", "ghost"]}},
+    )
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"field": "sweep.model[1]", "msg": r.json()["detail"][0]["msg"]}]
+    assert "ghost" in r.json()["detail"][0]["msg"]
