@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from farm.client import ApiError, FarmClient
 from farm.config import Config, load
 
@@ -154,7 +156,7 @@ def cmd_scheduler(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_api(args: argparse.Namespace, config: Config) -> int:
-    from farm.api.app import serve
+    from farm.api.__main__ import serve
 
     serve(config)
     return 0
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     except ApiError as exc:
         print(f"farm {args.cmd}: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, ConnectionError, OSError) as exc:
+    except (ValueError, OSError, RedisError) as exc:
         print(f"farm {args.cmd}: {exc}", file=sys.stderr)
         return 2
 

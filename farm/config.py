@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 PREFIX = "FARM_"
+EMBEDDED_REDIS_FILE = "redis.url"  # written by `farm up` while its embedded server runs
 
 
 def _data_dir() -> Path:
@@ -37,7 +38,7 @@ class Config:
     visibility_timeout: int = 3600  # seconds; above the longest task
     # scheduler
     queue_depth: int = 4  # tasks released but not finished, per worker (min 2 in total)
-    scheduler_interval: float = 0.2  # seconds between scheduler ticks
+    scheduler_interval: float = 0.5  # longest wait between scheduler ticks
     worker_ttl: int = 30  # seconds a worker inventory entry lives without a heartbeat
     # limits of a job spec
     max_width: int = 2048
@@ -69,7 +70,14 @@ class Config:
         return cls(**values)  # type: ignore[arg-type]
 
     def redis(self) -> str:
-        return self.redis_url or "redis://127.0.0.1:6379/0"
+        """FARM_REDIS_URL, else the embedded server of a running `farm up` on this data
+        directory, else a local Redis on the default port."""
+        if self.redis_url:
+            return self.redis_url
+        try:
+            return Path(self.data_dir, EMBEDDED_REDIS_FILE).read_text().strip()
+        except OSError:
+            return "redis://127.0.0.1:6379/0"
 
     def items(self) -> list[tuple[str, object]]:
         return [(PREFIX + f.name.upper(), getattr(self, f.name)) for f in fields(self)]

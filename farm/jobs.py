@@ -82,9 +82,11 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'type', 'task-started'
 return 'ok'
 """
 
-# KEYS: job, tasks   ARGV: task_no
+# KEYS: job, tasks, wake   ARGV: task_no
 _FINISH_TASK = """
 if redis.call('SETBIT', KEYS[2], tonumber(ARGV[1]), 1) == 0 then
+  redis.call('RPUSH', KEYS[3], 1)
+  redis.call('LTRIM', KEYS[3], 0, 0)
   return redis.call('HINCRBY', KEYS[1], 'tasks_finished', 1)
 end
 return -1
@@ -209,6 +211,16 @@ class Ledger:
     def events_key(self) -> str:
         return self.key("events")
 
+    @property
+    def wake_key(self) -> str:
+        """A one-element list the scheduler blocks on: pushed when a job arrives or a
+        task finishes, so free broker slots are refilled at once."""
+        return self.key("wake")
+
+    def wait_wake(self, timeout: float) -> bool:
+        got = self.r.blpop([self.wake_key], timeout=timeout)
+        return got is not None
+
     # jobs
     def create(self, spec: JobSpec, default_batch_size: int | None = None) -> JobRecord:
         spec = spec.resolved()
@@ -240,6 +252,8 @@ class Ledger:
             maxlen=EVENTS_MAXLEN,
             approximate=True,
         )
+        pipe.rpush(self.wake_key, 1)
+        pipe.ltrim(self.wake_key, 0, 0)
         pipe.execute()
         return self.get(job_id)
 
@@ -288,7 +302,8 @@ class Ledger:
     def finish_task(self, job_id: str, task_no: int) -> bool:
         """Mark a task finished; False if it was already (a duplicate run)."""
         res = self._finish(
-            keys=[self.job_key(job_id), self.job_key(job_id, "tasks")], args=[task_no]
+            keys=[self.job_key(job_id), self.job_key(job_id, "tasks"), self.wake_key],
+            args=[task_no],
         )
         return int(res) >= 0
 

@@ -56,20 +56,29 @@ def limits() -> Config:
 # Field checks shared by the spec's own fields and by sweep values. Each returns the
 # normalised value or raises ValueError with a message that names the allowed range.
 def _check_model(v: Any) -> str:
-    if not isinstance(v, str) or not _MODEL_RE.match(v):
+    if not isinstance(v, str) or not _MODEL_RE.fullmatch(v):
         raise ValueError("must be a model name: letters, digits, '.', '_', '-' (1-128 chars)")
+    return v
+
+
+def _encodable(v: str) -> str:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid unicode (no lone surrogates)") from None
     return v
 
 
 def _check_text(v: Any) -> str:
     if not isinstance(v, str):
         raise ValueError("must be a string")
+    _encodable(v)
     if len(v) > _limits.max_prompt_chars:
         raise ValueError(f"must be at most {_limits.max_prompt_chars} characters")
     return v
 
 
-def _check_side(v: Any, name: str, maximum: int) -> int:
+def _check_side(v: Any, maximum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError("must be an integer")
     if not 64 <= v <= maximum or v % 8:
@@ -78,11 +87,11 @@ def _check_side(v: Any, name: str, maximum: int) -> int:
 
 
 def _check_width(v: Any) -> int:
-    return _check_side(v, "width", _limits.max_width)
+    return _check_side(v, _limits.max_width)
 
 
 def _check_height(v: Any) -> int:
-    return _check_side(v, "height", _limits.max_height)
+    return _check_side(v, _limits.max_height)
 
 
 def _check_steps(v: Any) -> int:
@@ -257,10 +266,11 @@ class JobSpec(BaseModel):
     @field_validator("output_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if v and (not _PREFIX_RE.match(v) or ".." in v.split("/") or len(v) > 256):
+        bad_segment = any(seg in (".", "..") for seg in v.split("/"))
+        if v and (not _PREFIX_RE.fullmatch(v) or bad_segment or len(v) > 256):
             raise ValueError(
                 "must be '/'-separated segments of letters, digits, '.', '_', '-' "
-                "(no '..', at most 256 chars)"
+                "(no '.' or '..' segments, at most 256 chars)"
             )
         return v
 
@@ -269,6 +279,8 @@ class JobSpec(BaseModel):
     def _tags(cls, v: list[str]) -> list[str]:
         if len(v) > 32 or any(len(t) > 64 for t in v):
             raise ValueError("at most 32 tags of at most 64 characters")
+        for t in v:
+            _encodable(t)
         return v
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from farm.config import Config
+from farm.config import EMBEDDED_REDIS_FILE, Config
 from farm.models import ModelEntry, ModelRegistry
 from farm.redis_server import RedisProcess
 from storage import open_store
@@ -100,6 +100,7 @@ class Stack:
         if not self.config.redis_url:
             self.redis_proc = RedisProcess(Path(self.config.data_dir) / "redis").start()
             self.config = replace(self.config, redis_url=self.redis_proc.url)
+            self._url_file.write_text(self.redis_proc.url + "\n")
         client = redis.Redis.from_url(self.config.redis())
         client.ping()
         ensure_default_model(self.config, client)
@@ -165,8 +166,13 @@ class Stack:
                 proc.wait()
         self.procs.clear()
         if self.redis_proc is not None:
+            self._url_file.unlink(missing_ok=True)
             self.redis_proc.stop()
             self.redis_proc = None
+
+    @property
+    def _url_file(self) -> Path:
+        return Path(self.config.data_dir) / EMBEDDED_REDIS_FILE
 
     def describe(self) -> dict[str, str]:
         info = {

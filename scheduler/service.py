@@ -67,10 +67,11 @@ class Scheduler:
         while not self.stop_event.is_set():
             try:
                 self.tick()
+                # sleep until a task finishes or a job arrives, at most one interval
+                self.ledger.wait_wake(self.config.scheduler_interval)
             except redis.ConnectionError as exc:
                 log.warning("redis unavailable: %s", exc)
                 self.stop_event.wait(1.0)
-            self.stop_event.wait(self.config.scheduler_interval)
 
     def stop(self) -> None:
         self.stop_event.set()

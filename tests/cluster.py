@@ -114,7 +114,7 @@ class Cluster:
         while not self._stop.is_set():
             if self.sched_enabled.is_set():
                 self.scheduler.tick()
-            time.sleep(self.config.scheduler_interval)
+            self.scheduler.ledger.wait_wake(self.config.scheduler_interval)
 
     def celery(self) -> Any:
         return make_app(self.config)
