@@ -1,0 +1,94 @@
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+
+from workers.engine.base import EngineError
+from workers.engine.loader import SD_ATTN2_KEY, load_engine, probe_family
+from workers.engine.tiny import main as tiny_main
+from workers.engine.tiny import write_tiny_checkpoint
+
+
+def fake_safetensors(path, shapes: dict[str, list[int]]):
+    """A header-valid .safetensors file with zero-filled float32 tensors."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = 4 * int(torch.tensor(shape).prod())
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+    return path
+
+
+def test_round_trip_state_dicts_equal(tiny_modules, engine):
+    for original, loaded in zip(tiny_modules, (engine.unet, engine.vae, engine.text_encoder),
+                                strict=True):
+        a, b = original.state_dict(), loaded.state_dict()
+        assert set(a) == set(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_probe_tiny_is_sd1(tiny_path, engine):
+    assert probe_family(tiny_path) == "sd1"
+    assert engine.family == "sd1" and engine.device == "cpu"
+    assert engine.dtype == torch.float32
+
+
+def test_tiny_checkpoint_is_deterministic(tmp_path, tiny_path):
+    a = write_tiny_checkpoint(tmp_path / "a.safetensors", seed=0)
+    tiny_main([str(tmp_path / "b.safetensors"), "--seed", "1"])
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    assert digest(a) == digest(tiny_path)
+    assert digest(a) != digest(tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize(("shapes", "family"), [
+    ({SD_ATTN2_KEY: [320, 768]}, "sd1"),
+    ({SD_ATTN2_KEY: [320, 1024]}, "sd2"),
+    ({SD_ATTN2_KEY: [640, 2048], "conditioner.embedders.1.model.ln_final.weight": [4]}, "sdxl"),
+    ({SD_ATTN2_KEY: [384, 1280]}, "sdxl-refiner"),
+    ({"double_blocks.0.img_attn.norm.key_norm.scale": [128]}, "flux"),
+])
+def test_probe_families(tmp_path, shapes, family):
+    assert probe_family(fake_safetensors(tmp_path / "m.safetensors", shapes)) == family
+
+
+@pytest.mark.parametrize("shapes", [
+    {SD_ATTN2_KEY: [640, 2048], "conditioner.embedders.1.model.ln_final.weight": [4]},
+    {"double_blocks.0.img_attn.norm.key_norm.scale": [128]},
+])
+def test_unsupported_family_is_a_clear_error(tmp_path, shapes):
+    path = fake_safetensors(tmp_path / "big.safetensors", shapes)
+    with pytest.raises(EngineError, match=r"big\.safetensors: family (sdxl|flux) not supported"):
+        load_engine(path)
+
+
+def test_garbage_and_missing_files(tmp_path):
+    garbage = tmp_path / "junk.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(EngineError, match="junk.safetensors is not a readable .safetensors"):
+        probe_family(garbage)
+    with pytest.raises(EngineError, match="does not exist"):
+        load_engine(tmp_path / "nope.safetensors")
+    unknown = fake_safetensors(tmp_path / "other.safetensors", {"encoder.weight": [2, 2]})
+    with pytest.raises(EngineError, match="not a recognised diffusion checkpoint"):
+        load_engine(unknown)
+
+
+def test_weights_not_matching_config(tmp_path, tiny_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_path))
+    del state["model.diffusion_model.out.2.weight"]
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_path), "pt") as f:
+        metadata = f.metadata()
+    broken = tmp_path / "broken.safetensors"
+    save_file(state, str(broken), metadata=metadata)
+    with pytest.raises(EngineError, match="UNet weights do not fit its config: 1 missing"):
+        load_engine(broken)

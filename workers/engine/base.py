@@ -1,0 +1,59 @@
+"""The interface every diffusion engine implements, one engine class per model family.
+Torch-free: importing this module costs nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from workers.engine.names import SAMPLERS, SCHEDULES, resolve_schedule
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["SAMPLERS", "SCHEDULES", "BatchRequest", "Engine", "EngineError", "ImageRequest"]
+
+
+class EngineError(Exception):
+    """A request or checkpoint the engine cannot serve (bad file, unknown sampler, ...)."""
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    negative_prompt: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    images: tuple[ImageRequest, ...]  # one batch; prompts and seeds may differ per image
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    sampler_name: str  # A1111 names, see SAMPLERS
+    scheduler: str  # A1111 schedule names, see SCHEDULES
+
+    def validate(self, multiple: int = 8) -> None:
+        """Raise EngineError naming the bad field and the allowed range."""
+        if not self.images:
+            raise EngineError("images: a batch needs at least one image")
+        for field, value in (("width", self.width), ("height", self.height)):
+            if value < multiple or value % multiple:
+                raise EngineError(f"{field}: {value} is not a positive multiple of {multiple}")
+        if self.steps < 1:
+            raise EngineError(f"steps: {self.steps} must be >= 1")
+        if self.cfg_scale < 0:
+            raise EngineError(f"cfg_scale: {self.cfg_scale} must be >= 0")
+        try:
+            resolve_schedule(self.sampler_name, self.scheduler)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+
+
+class Engine(Protocol):
+    family: str  # e.g. "sd1"
+    device: str
+
+    def render(self, batch: BatchRequest) -> list[Image.Image]: ...

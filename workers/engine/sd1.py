@@ -1,0 +1,218 @@
+"""The Stable Diffusion 1.x engine: an original-layout single-file checkpoint on diffusers
+components, sampled with our k-diffusion style samplers. Fully offline: component configs
+come from ``configs/sd1/`` (or the checkpoint's ``farm.*_config`` metadata) and the tokenizer
+from ``assets/clip_tokenizer/``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from workers.engine.base import BatchRequest, EngineError
+from workers.engine.names import resolve_schedule
+from workers.engine.samplers import (
+    ANCESTRAL,
+    SAMPLER_FUNCTIONS,
+    DiscreteEpsDenoiser,
+    alphas_cumprod,
+    get_sigmas,
+)
+
+ENGINE_DIR = Path(__file__).parent
+CONFIG_DIR = ENGINE_DIR / "configs" / "sd1"
+TOKENIZER_DIR = ENGINE_DIR / "assets" / "clip_tokenizer"
+CLIP_VOCAB_SIZE = 49408
+MAX_TOKENS = 77
+
+
+@dataclass
+class SD1Components:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+
+
+def load_tokenizer() -> Any:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+    if len(tokenizer) != CLIP_VOCAB_SIZE:
+        raise EngineError(f"CLIP tokenizer in {TOKENIZER_DIR} has {len(tokenizer)} tokens, "
+                          f"expected {CLIP_VOCAB_SIZE}")
+    return tokenizer
+
+
+def component_configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Shipped SD1.5 configs, each overridden by the checkpoint's ``farm.<name>_config``."""
+    files = {"unet": "unet/config.json", "vae": "vae/config.json",
+             "text_encoder": "text_encoder/config.json",
+             "scheduler": "scheduler/scheduler_config.json"}
+    configs = {}
+    for name, rel in files.items():
+        raw = metadata.get(f"farm.{name}_config")
+        configs[name] = json.loads(raw) if raw else json.loads((CONFIG_DIR / rel).read_text())
+    return configs
+
+
+def _load_into(model: Any, state: dict[str, Tensor], what: str, dtype: torch.dtype) -> Any:
+    expected = set(model.state_dict())
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()
+             if k in expected or not k.endswith("position_ids")}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise EngineError(f"{what} weights do not fit its config: {len(missing)} missing "
+                          f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(model.state_dict()[key].shape):
+            raise EngineError(f"{what} weight {key} has shape {tuple(value.shape)}, config "
+                              f"expects {tuple(model.state_dict()[key].shape)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> SD1Components:
+    """Build unet, vae, text encoder and tokenizer from an original-layout SD1 file."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    state = load_file(str(path))
+    cfg = component_configs(metadata)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+        vae = AutoencoderKL.from_config(cfg["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    clip_state = convert_ldm_clip_checkpoint(state)
+    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        clip_state = {k.removeprefix("text_model."): v for k, v in clip_state.items()}
+    name = path.name
+    return SD1Components(
+        unet=_load_into(unet, convert_ldm_unet_checkpoint(state, dict(unet.config)),
+                        f"{name}: UNet", dtype),
+        vae=_load_into(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)),
+                       f"{name}: VAE", dtype),
+        text_encoder=_load_into(text_encoder, clip_state, f"{name}: text encoder", dtype),
+        tokenizer=load_tokenizer(),
+        scheduler_config=cfg["scheduler"],
+    )
+
+
+class SD1Engine:
+    """Renders batches on one SD1.x model. ``quantize=True`` feeds the UNet integer
+    timesteps (A1111's "Enable quantization in K samplers"); off by default as in A1111."""
+
+    family = "sd1"
+
+    def __init__(self, components: SD1Components, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, quantize: bool = False) -> None:
+        self.device, self.dtype = device, dtype
+        self.unet = components.unet.to(device)
+        self.vae = components.vae.to(device)
+        self.text_encoder = components.text_encoder.to(device)
+        self.tokenizer = components.tokenizer
+        sc = components.scheduler_config
+        if sc.get("prediction_type", "epsilon") != "epsilon":
+            raise EngineError(f"prediction_type {sc['prediction_type']!r} not supported yet")
+        self.alphas_cumprod = alphas_cumprod(sc.get("beta_start", 0.00085),
+                                             sc.get("beta_end", 0.012),
+                                             sc.get("num_train_timesteps", 1000))
+        self.quantize = quantize
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = self.unet.config.in_channels
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, device: str = "cpu",
+                         dtype: torch.dtype | None = None, quantize: bool = False) -> SD1Engine:
+        if dtype is None:
+            dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        return cls(load_components(path, dtype), device, dtype, quantize)
+
+    # -------------------------------------------------------------- steps of a render
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """CLIP last hidden states, 77 tokens per prompt (longer prompts are truncated)."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def sigmas(self, batch: BatchRequest) -> Tensor:
+        schedule = resolve_schedule(batch.sampler_name, batch.scheduler)
+        return get_sigmas(schedule, self._denoiser(None, None, 1.0), batch.steps)
+
+    def latent_shape(self, batch: BatchRequest) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        return self.latent_channels, batch.height // f, batch.width // f
+
+    def generators(self, batch: BatchRequest) -> list[torch.Generator]:
+        """One CPU generator per image: its initial noise, then its ancestral noise."""
+        return [torch.Generator("cpu").manual_seed(r.seed) for r in batch.images]
+
+    def _denoiser(self, cond: Tensor | None, uncond: Tensor | None,
+                  cfg_scale: float) -> DiscreteEpsDenoiser:
+        def eps(x: Tensor, t: Tensor) -> Tensor:
+            t = t.to(self.device)
+            if uncond is None:
+                return self.unet(x.to(self.dtype), t, encoder_hidden_states=cond).sample.float()
+            out = self.unet(torch.cat([x, x]).to(self.dtype), t,
+                            encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+            e_uncond, e_cond = out.chunk(2)
+            return e_uncond + cfg_scale * (e_cond - e_uncond)
+
+        return DiscreteEpsDenoiser(eps, self.alphas_cumprod, quantize=self.quantize)
+
+    @torch.no_grad()
+    def sample_latents(self, batch: BatchRequest, initial_latents: Tensor | None = None) -> Tensor:
+        """Final latents before VAE decoding. ``initial_latents`` (x at the first sigma,
+        already scaled) replaces the seeded initial noise; ancestral noise stays seeded."""
+        batch.validate()
+        shape = self.latent_shape(batch)
+        gens = self.generators(batch)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        # the sampler's arithmetic runs in float32 whatever the UNet's dtype
+        sigmas = self.sigmas(batch).to(self.device)
+        x = noise.to(self.device) * sigmas[0] if initial_latents is None else initial_latents
+        x = x.to(self.device, torch.float32)
+
+        cond = self.encode_prompts([r.prompt for r in batch.images])
+        uncond = None
+        if batch.cfg_scale != 1.0:
+            uncond = self.encode_prompts([r.negative_prompt for r in batch.images])
+        model = self._denoiser(cond, uncond, batch.cfg_scale)
+        sampler = SAMPLER_FUNCTIONS[batch.sampler_name]
+        if batch.sampler_name in ANCESTRAL:
+            def noise_fn(_: Tensor) -> Tensor:
+                fresh = torch.stack([torch.randn(shape, generator=g) for g in gens])
+                return fresh.to(self.device)
+
+            return sampler(model, x, sigmas, noise_fn)
+        return sampler(model, x, sigmas)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> list[Image.Image]:
+        scaling = self.vae.config.scaling_factor
+        pixels = self.vae.decode((latents / scaling).to(self.dtype)).sample.float()
+        pixels = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a, mode="RGB") for a in arrays]
+
+    def render(self, batch: BatchRequest) -> list[Image.Image]:
+        return self.decode(self.sample_latents(batch))
