@@ -256,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="farm", description="render farm for diffusion images")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    for name, helptext in (("up", "run the embedded farm in the foreground"),
-                           ("demo", "run a small job end to end on the embedded farm")):
+    for name, helptext in (
+        ("up", "run the embedded farm in the foreground"),
+        ("demo", "run a small job end to end on the embedded farm"),
+    ):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--devices", default="auto", help="auto, cpu:N or cuda:0,1")
         sp.add_argument("--no-flower", action="store_true", help="do not start Flower")

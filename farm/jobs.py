@@ -267,8 +267,10 @@ class Ledger:
         return bool(self.r.exists(self.job_key(job_id)))
 
     def list(self, limit: int = 50, offset: int = 0, state: str | None = None) -> list[JobRecord]:
-        ids = self.r.zrevrange(self.key("jobs"), 0, -1) if state else self.r.zrevrange(
-            self.key("jobs"), offset, offset + limit - 1
+        ids = (
+            self.r.zrevrange(self.key("jobs"), 0, -1)
+            if state
+            else self.r.zrevrange(self.key("jobs"), offset, offset + limit - 1)
         )
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:

@@ -97,7 +97,9 @@ class RedisProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode(errors="replace")
+                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode(
+                    errors="replace"
+                )
                 raise RuntimeError(f"{self.binary} exited with {self.proc.returncode}: {err}")
             if ping(self.port):
                 return self

@@ -353,7 +353,7 @@ class Plan:
         if not 0 <= cell < self.n_cells:
             raise IndexError(f"cell {cell} out of range 0..{self.n_cells - 1}")
         values: dict[str, Any] = {}
-        for key, size in zip(reversed(self.sweep_keys), reversed(self.sweep_sizes)):
+        for key, size in zip(reversed(self.sweep_keys), reversed(self.sweep_sizes), strict=True):
             cell, i = divmod(cell, size)
             values[key] = self.spec.sweep[key][i]
         return values

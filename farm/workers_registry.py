@@ -37,12 +37,14 @@ class WorkerRegistry:
         pipe.execute()
 
     def live(self) -> list[dict[str, Any]]:
-        names = [n.decode() if isinstance(n, bytes) else n for n in self.r.zrange(self.index, 0, -1)]
+        names = [
+            n.decode() if isinstance(n, bytes) else n for n in self.r.zrange(self.index, 0, -1)
+        ]
         if not names:
             return []
         out = []
         stale = []
-        for name, raw in zip(names, self.r.mget([self._key(n) for n in names])):
+        for name, raw in zip(names, self.r.mget([self._key(n) for n in names]), strict=True):
             if raw is None:
                 stale.append(name)
             else:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import redis
 
@@ -63,7 +62,9 @@ class Scheduler:
         return sent
 
     def run(self) -> None:
-        log.info("scheduler running on %s (namespace %s)", self.config.redis(), self.config.namespace)
+        log.info(
+            "scheduler running on %s (namespace %s)", self.config.redis(), self.config.namespace
+        )
         while not self.stop_event.is_set():
             try:
                 self.tick()

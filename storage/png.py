@@ -6,7 +6,8 @@ civitai, image browsers) read::
     a prompt, possibly
     on several lines
     Negative prompt: the negative prompt
-    Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: abcdef1234, Model: name
+    Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 123,
+    Size: 512x512, Model hash: abcdef1234, Model: name   (one line in the file)
 
 Values holding ``,``, ``:`` or a newline are JSON-quoted, as A1111's ``quote`` does.
 """

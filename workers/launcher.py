@@ -63,7 +63,11 @@ def parse_devices(spec: str, gpus: int, cores: int) -> list[DeviceSlot]:
             DeviceSlot(
                 f"cpu{i}",
                 "cpu",
-                {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""},
+                {
+                    "OMP_NUM_THREADS": threads,
+                    "MKL_NUM_THREADS": threads,
+                    "CUDA_VISIBLE_DEVICES": "",
+                },
             )
             for i in range(n)
         ]
@@ -80,7 +84,9 @@ def parse_devices(spec: str, gpus: int, cores: int) -> list[DeviceSlot]:
     raise ValueError(f"--devices {spec!r}: use auto, cpu:N or cuda:0,1")
 
 
-def worker_command(slot: DeviceSlot, config: Config, node: str, loglevel: str = "INFO") -> list[str]:
+def worker_command(
+    slot: DeviceSlot, config: Config, node: str, loglevel: str = "INFO"
+) -> list[str]:
     hostname = f"{slot.label.replace(':', '')}@{node}"
     return [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
@@ -129,8 +135,11 @@ class Launcher:
                 proc = self.procs.get(slot.label)
                 if proc is not None and proc.poll() is not None and not self.stopping:
                     wait = backoff.get(slot.label, 1.0)
-                    print(f"worker {slot.label} exited with {proc.returncode}; restarting in "
-                          f"{wait:.0f} s", file=sys.stderr)
+                    print(
+                        f"worker {slot.label} exited with {proc.returncode}; restarting in "
+                        f"{wait:.0f} s",
+                        file=sys.stderr,
+                    )
                     time.sleep(wait)
                     backoff[slot.label] = min(wait * 2, 60.0)
                     if not self.stopping:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from farm.celery_app import RenderMessage
-from farm.spec import ImageParams, Plan
+from farm.spec import ImageParams
 from storage.keys import image_key
 from storage.png import encode_png, format_parameters
 from workers.engine.base import BatchRequest, ImageRequest

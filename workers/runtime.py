@@ -84,8 +84,12 @@ class Runtime:
             log.info("%s loaded model %s in %.2f s", self.name, entry.name, dt)
             self.r.xadd(
                 self.ledger.events_key,
-                {"type": "model-loaded", "worker": self.name, "model": entry.name,
-                 "seconds": f"{dt:.3f}"},
+                {
+                    "type": "model-loaded",
+                    "worker": self.name,
+                    "model": entry.name,
+                    "seconds": f"{dt:.3f}",
+                },
                 maxlen=100_000,
                 approximate=True,
             )

@@ -33,7 +33,9 @@ def runtime(name: str | None = None) -> Runtime:
 def render(self: Any, **kwargs: Any) -> dict[str, Any]:
     msg = RenderMessage.model_validate(kwargs)
     if msg.namespace != config.namespace:
-        raise ValueError(f"task for namespace {msg.namespace!r}, worker serves {config.namespace!r}")
+        raise ValueError(
+            f"task for namespace {msg.namespace!r}, worker serves {config.namespace!r}"
+        )
     try:
         return run_render(runtime(self.request.hostname), msg)
     except Exception as exc:

@@ -126,7 +126,9 @@ def check_encodable(value: Any, field: str = "") -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise FieldError(field or "body", "must be valid unicode (no lone surrogates)")
+            raise FieldError(
+                field or "body", "must be valid unicode (no lone surrogates)"
+            ) from None
     elif isinstance(value, dict):
         for k, v in value.items():
             check_encodable(k, field or "body")

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import redis
+import schemathesis  # noqa: E402
+import schemathesis.checks as checks  # noqa: E402
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -24,9 +26,6 @@ from farm.config import Config
 from storage import LocalStore
 from tests.api.conftest import LIMITS
 from tests.servers import RedisServer
-
-import schemathesis  # noqa: E402
-import schemathesis.checks as checks  # noqa: E402
 
 GenerationMode = schemathesis.GenerationMode
 

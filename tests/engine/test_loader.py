@@ -24,8 +24,9 @@ def fake_safetensors(path, shapes: dict[str, list[int]]):
 
 
 def test_round_trip_state_dicts_equal(tiny_modules, engine):
-    for original, loaded in zip(tiny_modules, (engine.unet, engine.vae, engine.text_encoder),
-                                strict=True):
+    for original, loaded in zip(
+        tiny_modules, (engine.unet, engine.vae, engine.text_encoder), strict=True
+    ):
         a, b = original.state_dict(), loaded.state_dict()
         assert set(a) == set(b)
         for key in a:
@@ -41,26 +42,35 @@ def test_probe_tiny_is_sd1(tiny_path, engine):
 def test_tiny_checkpoint_is_deterministic(tmp_path, tiny_path):
     a = write_tiny_checkpoint(tmp_path / "a.safetensors", seed=0)
     tiny_main([str(tmp_path / "b.safetensors"), "--seed", "1"])
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+
+    def digest(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
     assert digest(a) == digest(tiny_path)
     assert digest(a) != digest(tmp_path / "b.safetensors")
 
 
-@pytest.mark.parametrize(("shapes", "family"), [
-    ({SD_ATTN2_KEY: [320, 768]}, "sd1"),
-    ({SD_ATTN2_KEY: [320, 1024]}, "sd2"),
-    ({SD_ATTN2_KEY: [640, 2048], "conditioner.embedders.1.model.ln_final.weight": [4]}, "sdxl"),
-    ({SD_ATTN2_KEY: [384, 1280]}, "sdxl-refiner"),
-    ({"double_blocks.0.img_attn.norm.key_norm.scale": [128]}, "flux"),
-])
+@pytest.mark.parametrize(
+    ("shapes", "family"),
+    [
+        ({SD_ATTN2_KEY: [320, 768]}, "sd1"),
+        ({SD_ATTN2_KEY: [320, 1024]}, "sd2"),
+        ({SD_ATTN2_KEY: [640, 2048], "conditioner.embedders.1.model.ln_final.weight": [4]}, "sdxl"),
+        ({SD_ATTN2_KEY: [384, 1280]}, "sdxl-refiner"),
+        ({"double_blocks.0.img_attn.norm.key_norm.scale": [128]}, "flux"),
+    ],
+)
 def test_probe_families(tmp_path, shapes, family):
     assert probe_family(fake_safetensors(tmp_path / "m.safetensors", shapes)) == family
 
 
-@pytest.mark.parametrize("shapes", [
-    {SD_ATTN2_KEY: [640, 2048], "conditioner.embedders.1.model.ln_final.weight": [4]},
-    {"double_blocks.0.img_attn.norm.key_norm.scale": [128]},
-])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        {SD_ATTN2_KEY: [640, 2048], "conditioner.embedders.1.model.ln_final.weight": [4]},
+        {"double_blocks.0.img_attn.norm.key_norm.scale": [128]},
+    ],
+)
 def test_unsupported_family_is_a_clear_error(tmp_path, shapes):
     path = fake_safetensors(tmp_path / "big.safetensors", shapes)
     with pytest.raises(EngineError, match=r"big\.safetensors: family (sdxl|flux) not supported"):
