@@ -24,13 +24,14 @@ class RenderMessage(BaseModel):
     task_no: int
 
 
-def render_queue(namespace: str, model: str | None = None) -> str:
-    """The broker queue a render task goes to.
+def model_queue(namespace: str, model: str) -> str:
+    """The broker queue of one model: workers assigned to the model consume it."""
+    return f"{namespace}.m.{model}"
 
-    Scheduler v0 uses one shared queue per farm; the model argument is where per-model
-    queues (``<ns>.m.<model>``) plug in.
-    """
-    return f"{namespace}.render"
+
+def worker_queue(namespace: str, worker: str) -> str:
+    """A worker's own queue: every worker consumes it from its start."""
+    return f"{namespace}.w.{worker}"
 
 
 def celery_priority(priority: int) -> int:
@@ -64,7 +65,7 @@ def make_app(config: Config) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,
-        task_default_queue=render_queue(config.namespace),
+        task_default_queue=f"{config.namespace}.default",
         task_default_priority=celery_priority(50),
         broker_connection_retry_on_startup=True,
         worker_soft_shutdown_timeout=float(min(vt, 600)),

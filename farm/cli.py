@@ -137,6 +137,18 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_control(args: argparse.Namespace, config: Config) -> int:
+    job = FarmClient(_api_url(config)).control(args.job, args.cmd)
+    print(f"job {job['id']} {job['state']}: {job['done']} done, {job['failed']} failed")
+    return 0
+
+
+def cmd_priority(args: argparse.Namespace, config: Config) -> int:
+    job = FarmClient(_api_url(config)).set_priority(args.job, args.priority)
+    print(f"job {job['id']} priority {job['priority']}")
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from workers.launcher import run
 
@@ -293,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("cancel", help="cancel a job (its finished images stay)")
     sp.add_argument("job")
 
+    for name, helptext in (
+        ("pause", "pause a job: no task of it starts until resume"),
+        ("resume", "resume a paused job"),
+        ("retry", "render a job's failed images again"),
+    ):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("job")
+
+    sp = sub.add_parser("priority", help="change a job's priority (0-100), also while it runs")
+    sp.add_argument("job")
+    sp.add_argument("priority", type=int)
+
     sp = sub.add_parser("worker", help="start one worker process per device")
     sp.add_argument("--devices", default="auto", help="auto, cpu:N or cuda:0,1")
     sp.add_argument("--loglevel", default="INFO")
@@ -316,6 +340,10 @@ COMMANDS = {
     "submit": cmd_submit,
     "status": cmd_status,
     "cancel": cmd_cancel,
+    "pause": cmd_control,
+    "resume": cmd_control,
+    "retry": cmd_control,
+    "priority": cmd_priority,
     "worker": cmd_worker,
     "scheduler": cmd_scheduler,
     "api": cmd_api,

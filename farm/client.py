@@ -61,6 +61,13 @@ class FarmClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def control(self, job_id: str, action: str) -> dict[str, Any]:
+        """pause, resume or retry."""
+        return self.request("POST", f"/v1/jobs/{job_id}/{action}")
+
+    def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{job_id}/priority", {"priority": priority})
+
     def images(self, job_id: str, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/images?offset={offset}&limit={limit}")
 

@@ -40,6 +40,14 @@ class Config:
     queue_depth: int = 4  # tasks released but not finished, per worker (min 2 in total)
     scheduler_interval: float = 0.5  # longest wait between scheduler ticks
     worker_ttl: int = 30  # seconds a worker inventory entry lives without a heartbeat
+    leader_ttl: float = 5.0  # seconds the scheduler leader's lease lasts without renewal
+    aging_s: float = 60.0  # a job waiting this long without a release gains one priority
+    default_load_s: float = 30.0  # model load estimate until a worker has measured one
+    default_image_s: float = 2.0  # seconds per image estimate until measured
+    min_dwell_s: float = 10.0  # a worker keeps an assigned model at least this long
+    fail_limit: int = 3  # failures of one model on one worker within fail_window ...
+    fail_window: float = 300.0
+    fail_block: float = 600.0  # ... keep that worker off that model this long
     # limits of a job spec
     max_width: int = 2048
     max_height: int = 2048

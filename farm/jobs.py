@@ -67,9 +67,18 @@ end
 return {done_d, failed_d, done, failed, state}
 """
 
-# KEYS: job, events   ARGV: task_no, worker, now, job_id
+# KEYS: job, events, requeue, running   ARGV: task_no, worker, now, job_id, instance
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'paused' then
+  -- give the task back: it is released again on resume
+  if redis.call('ZADD', KEYS[3], 'NX', tonumber(ARGV[1]), ARGV[1]) == 1 then
+    if tonumber(redis.call('HGET', KEYS[1], 'inflight')) > 0 then
+      redis.call('HINCRBY', KEYS[1], 'inflight', -1)
+    end
+  end
+  return 'paused'
+end
 if state ~= 'queued' and state ~= 'running' then return state or 'missing' end
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[3])
@@ -77,31 +86,47 @@ if state == 'queued' then
     'job', ARGV[4])
 end
 redis.call('HINCRBY', KEYS[1], 'tasks_started', 1)
+redis.call('HSET', KEYS[4], ARGV[4] .. '/' .. ARGV[1], ARGV[5])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'type', 'task-started',
   'job', ARGV[4], 'task', ARGV[1], 'worker', ARGV[2])
 return 'ok'
 """
 
-# KEYS: job, tasks, wake   ARGV: task_no
+# KEYS: job, tasks, wake, running   ARGV: task_no, job_id
 _FINISH_TASK = """
+redis.call('HDEL', KEYS[4], ARGV[2] .. '/' .. ARGV[1])
 if redis.call('SETBIT', KEYS[2], tonumber(ARGV[1]), 1) == 0 then
   redis.call('RPUSH', KEYS[3], 1)
   redis.call('LTRIM', KEYS[3], 0, 0)
+  if tonumber(redis.call('HGET', KEYS[1], 'inflight')) > 0 then
+    redis.call('HINCRBY', KEYS[1], 'inflight', -1)
+  end
   return redis.call('HINCRBY', KEYS[1], 'tasks_finished', 1)
 end
 return -1
 """
 
-# KEYS: job   ARGV: n
+# KEYS: job, requeue   ARGV: n, cursor_limit, now
+# Tasks given back (pause) or to retry come first, then the cursor (up to cursor_limit).
 _RELEASE = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'running' then return {0, 0} end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'tasks_released'))
-local n_tasks = tonumber(redis.call('HGET', KEYS[1], 'n_tasks'))
-local n = math.min(tonumber(ARGV[1]), n_tasks - cur)
-if n <= 0 then return {cur, 0} end
-redis.call('HINCRBY', KEYS[1], 'tasks_released', n)
-return {cur, n}
+if state ~= 'queued' and state ~= 'running' then return {} end
+local n = tonumber(ARGV[1])
+local out = {}
+local back = redis.call('ZPOPMIN', KEYS[2], n)
+for i = 1, #back, 2 do out[#out + 1] = tonumber(back[i]) end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'cursor'))
+local limit = math.min(tonumber(ARGV[2]), tonumber(redis.call('HGET', KEYS[1], 'n_tasks')))
+while #out < n and cur < limit do
+  out[#out + 1] = cur
+  cur = cur + 1
+end
+redis.call('HSET', KEYS[1], 'cursor', cur)
+if #out > 0 then
+  redis.call('HINCRBY', KEYS[1], 'inflight', #out)
+  redis.call('HSET', KEYS[1], 'last_release', ARGV[3])
+end
+return out
 """
 
 # KEYS: job, active, events   ARGV: job_id, now, new_state, allowed_from (comma list)
@@ -111,14 +136,51 @@ if not state then return 'missing' end
 local allowed = false
 for s in string.gmatch(ARGV[4], '[^,]+') do if s == state then allowed = true end end
 if not allowed then return state end
-redis.call('HSET', KEYS[1], 'state', ARGV[3])
-if ARGV[3] == 'cancelled' or ARGV[3] == 'done' or ARGV[3] == 'failed' then
+local to = ARGV[3]
+if to == 'resumed' then
+  if redis.call('HGET', KEYS[1], 'started_at') then to = 'running' else to = 'queued' end
+end
+redis.call('HSET', KEYS[1], 'state', to)
+if to == 'cancelled' or to == 'done' or to == 'failed' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
   redis.call('ZREM', KEYS[2], ARGV[1])
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'type', 'job-' .. ARGV[3],
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'type', 'job-' .. to,
   'job', ARGV[1])
 return 'ok'
+"""
+
+# KEYS: job, failed, tasks, requeue, active, events
+# ARGV: job_id, now, n_images, image..., task...
+_RETRY = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'running' and state ~= 'failed' and state ~= 'done' and state ~= 'paused'
+    and state ~= 'queued' then
+  return {state or 'missing', 0}
+end
+local n_images = tonumber(ARGV[3])
+local cleared = 0
+for i = 4, 3 + n_images do
+  if redis.call('SETBIT', KEYS[2], tonumber(ARGV[i]), 0) == 1 then cleared = cleared + 1 end
+end
+if cleared == 0 then return {state, 0} end
+redis.call('HINCRBY', KEYS[1], 'failed', -cleared)
+for i = 4 + n_images, #ARGV do
+  local t = tonumber(ARGV[i])
+  if redis.call('SETBIT', KEYS[3], t, 0) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'tasks_finished', -1)
+  end
+  redis.call('ZADD', KEYS[4], t, t)
+end
+if state == 'failed' or state == 'done' then
+  state = 'running'
+  redis.call('HSET', KEYS[1], 'state', state)
+  redis.call('HDEL', KEYS[1], 'finished_at')
+  redis.call('ZADD', KEYS[5], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
+end
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'type', 'job-retry',
+  'job', ARGV[1], 'images', cleared)
+return {state, cleared}
 """
 
 
@@ -131,16 +193,20 @@ class JobRecord:
     id: str
     spec: JobSpec
     state: str
+    priority: int  # current priority (can change while the job runs)
     total: int
     n_tasks: int
     done: int
     failed: int
-    tasks_released: int
+    cursor: int  # next task number never released
+    inflight: int  # tasks in the broker or running
+    requeued: int  # tasks given back (pause) or to retry, released before the cursor
     tasks_started: int
     tasks_finished: int
     created_at: float
     started_at: float | None
     finished_at: float | None
+    last_release: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -150,7 +216,12 @@ class JobRecord:
     @property
     def outstanding(self) -> int:
         """Tasks released to the broker that have not finished yet."""
-        return self.tasks_released - self.tasks_finished
+        return self.inflight
+
+    @property
+    def remaining_tasks(self) -> int:
+        """Tasks still to be released."""
+        return self.n_tasks - self.cursor + self.requeued
 
     def rate(self, now: float | None = None) -> float:
         """Images per second since the first task started."""
@@ -172,7 +243,7 @@ class JobRecord:
             "id": self.id,
             "state": self.state,
             "model": self.spec.model,
-            "priority": self.spec.priority,
+            "priority": self.priority,
             "total": self.total,
             "done": self.done,
             "failed": self.failed,
@@ -199,6 +270,7 @@ class Ledger:
         self._finish = client.register_script(_FINISH_TASK)
         self._release = client.register_script(_RELEASE)
         self._transition = client.register_script(_TRANSITION)
+        self._retry = client.register_script(_RETRY)
 
     # keys
     def key(self, *parts: str) -> str:
@@ -212,6 +284,12 @@ class Ledger:
         return self.key("events")
 
     @property
+    def running_key(self) -> str:
+        """Hash ``<job>/<task>`` -> worker for every task a worker has claimed and not
+        finished: what to hand to another worker when that one dies."""
+        return self.key("running")
+
+    @property
     def wake_key(self) -> str:
         """A one-element list the scheduler blocks on: pushed when a job arrives or a
         task finishes, so free broker slots are refilled at once."""
@@ -220,6 +298,12 @@ class Ledger:
     def wait_wake(self, timeout: float) -> bool:
         got = self.r.blpop([self.wake_key], timeout=timeout)
         return got is not None
+
+    def wake(self) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(self.wake_key, 1)
+        pipe.ltrim(self.wake_key, 0, 0)
+        pipe.execute()
 
     # jobs
     def create(self, spec: JobSpec, default_batch_size: int | None = None) -> JobRecord:
@@ -237,7 +321,8 @@ class Ledger:
             "priority": spec.priority,
             "done": 0,
             "failed": 0,
-            "tasks_released": 0,
+            "cursor": 0,
+            "inflight": 0,
             "tasks_started": 0,
             "tasks_finished": 0,
             "created_at": now,
@@ -258,10 +343,13 @@ class Ledger:
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobRecord:
-        h = self.r.hgetall(self.job_key(job_id))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.job_key(job_id))
+        pipe.zcard(self.job_key(job_id, "requeue"))
+        h, requeued = pipe.execute()
         if not h:
             raise JobNotFound(job_id)
-        return _record(h)
+        return _record(h, requeued)
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self.job_key(job_id)))
@@ -281,33 +369,63 @@ class Ledger:
         return records
 
     def active(self) -> list[JobRecord]:
-        ids = self.r.zrange(self.key("active"), 0, -1)
+        ids = [_s(i) for i in self.r.zrange(self.key("active"), 0, -1)]
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hgetall(self.job_key(_s(job_id)))
-        return [_record(h) for h in pipe.execute() if h]
+            pipe.hgetall(self.job_key(job_id))
+            pipe.zcard(self.job_key(job_id, "requeue"))
+        res = pipe.execute()
+        return [_record(h, n) for h, n in zip(res[::2], res[1::2], strict=True) if h]
 
     # task life cycle
-    def release(self, job_id: str, n: int) -> range:
-        """Reserve up to ``n`` next task numbers of a runnable job."""
-        start, count = self._release(keys=[self.job_key(job_id)], args=[n])
-        return range(int(start), int(start) + int(count))
+    def release(self, job_id: str, n: int, cursor_limit: int | None = None) -> list[int]:
+        """Reserve up to ``n`` tasks of a runnable job: first those given back (pause)
+        or to retry, then the next ones by number, not past ``cursor_limit``."""
+        out = self._release(
+            keys=[self.job_key(job_id), self.job_key(job_id, "requeue")],
+            args=[n, 2**62 if cursor_limit is None else cursor_limit, time.time()],
+        )
+        return [int(t) for t in out]
 
-    def claim(self, job_id: str, task_no: int, worker: str) -> str:
-        """Called by a worker before it starts a task: 'ok', or the state that forbids it."""
+    def claim(self, job_id: str, task_no: int, worker: str, instance: str = "") -> str:
+        """Called by a worker before it starts a task: 'ok', or the state that forbids it.
+
+        A paused job takes the task back (it is released again on resume). ``instance``
+        identifies the worker process (a restarted worker keeps its name, not this)."""
         res = self._claim(
-            keys=[self.job_key(job_id), self.events_key],
-            args=[task_no, worker, time.time(), job_id],
+            keys=[
+                self.job_key(job_id),
+                self.events_key,
+                self.job_key(job_id, "requeue"),
+                self.running_key,
+            ],
+            args=[task_no, worker, time.time(), job_id, instance or worker],
         )
         return _s(res)
 
     def finish_task(self, job_id: str, task_no: int) -> bool:
         """Mark a task finished; False if it was already (a duplicate run)."""
         res = self._finish(
-            keys=[self.job_key(job_id), self.job_key(job_id, "tasks"), self.wake_key],
-            args=[task_no],
+            keys=[
+                self.job_key(job_id),
+                self.job_key(job_id, "tasks"),
+                self.wake_key,
+                self.running_key,
+            ],
+            args=[task_no, job_id],
         )
         return int(res) >= 0
+
+    def running(self) -> dict[str, list[tuple[str, int]]]:
+        """Claimed, unfinished tasks by worker instance."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for key, worker in self.r.hgetall(self.running_key).items():
+            job_id, _, task = _s(key).partition("/")
+            out.setdefault(_s(worker), []).append((job_id, int(task)))
+        return out
+
+    def forget_running(self, job_id: str, task_no: int) -> None:
+        self.r.hdel(self.running_key, f"{job_id}/{task_no}")
 
     def mark(self, job_id: str, indices: list[int], ok: bool = True) -> dict[str, Any]:
         """Record images as done (or failed). Returns the deltas and the new counters."""
@@ -374,6 +492,54 @@ class Ledger:
         """
         return self.transition(job_id, "cancelled", ("queued", "running", "paused"))
 
+    def pause(self, job_id: str) -> str:
+        """No task of the job starts after this returns; released tasks come back."""
+        return self.transition(job_id, "paused", ("queued", "running"))
+
+    def resume(self, job_id: str) -> str:
+        res = self.transition(job_id, "resumed", ("paused",))
+        self.wake()
+        return res
+
+    def set_priority(self, job_id: str, priority: int) -> None:
+        if not 0 <= priority <= 100:
+            raise ValueError("priority must be between 0 and 100")
+        if not self.r.hset(self.job_key(job_id), "priority", priority) and not self.exists(job_id):
+            raise JobNotFound(job_id)
+        self.r.xadd(
+            self.events_key,
+            {"type": "job-priority", "job": job_id, "priority": priority},
+            maxlen=EVENTS_MAXLEN,
+            approximate=True,
+        )
+        self.wake()
+
+    def failed_indices(self, job_id: str) -> list[int]:
+        job = self.get(job_id)
+        return _bits(self.r, self.job_key(job_id, "failed"), job.total)
+
+    def retry_failed(self, job_id: str) -> tuple[str, int]:
+        """Render the failed images again: (state, number of images to retry)."""
+        job = self.get(job_id)
+        images = _bits(self.r, self.job_key(job_id, "failed"), job.total)
+        if not images:
+            return job.state, 0
+        plan = job.plan
+        tasks = sorted({plan.task_of(i) for i in images})
+        state, n = self._retry(
+            keys=[
+                self.job_key(job_id),
+                self.job_key(job_id, "failed"),
+                self.job_key(job_id, "tasks"),
+                self.job_key(job_id, "requeue"),
+                self.key("active"),
+                self.events_key,
+            ],
+            args=[job_id, time.time(), len(images), *images, *tasks],
+        )
+        self.wake()
+        return _s(state), int(n)
+
     # events
     def events(self, after: str = "", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
         """Events after stream id ``after`` (all from the start when empty)."""
@@ -392,24 +558,43 @@ def _f(v: Any) -> float | None:
     return float(v) if v not in (None, b"", "") else None
 
 
-def _record(h: dict[Any, Any]) -> JobRecord:
+def _record(h: dict[Any, Any], requeued: int = 0) -> JobRecord:
     h = {_s(k): _s(v) for k, v in h.items()}
+    spec = JobSpec.model_construct(**json.loads(h["spec"]))  # validated at submit
     return JobRecord(
         id=h["id"],
-        spec=JobSpec.model_construct(**json.loads(h["spec"])),  # validated at submit
+        spec=spec,
         state=h["state"],
+        priority=int(h.get("priority", spec.priority)),
         total=int(h["total"]),
         n_tasks=int(h["n_tasks"]),
         done=int(h.get("done", 0)),
         failed=int(h.get("failed", 0)),
-        tasks_released=int(h.get("tasks_released", 0)),
+        cursor=int(h.get("cursor", 0)),
+        inflight=int(h.get("inflight", 0)),
+        requeued=int(requeued),
         tasks_started=int(h.get("tasks_started", 0)),
         tasks_finished=int(h.get("tasks_finished", 0)),
         created_at=float(h["created_at"]),
         started_at=_f(h.get("started_at")),
         finished_at=_f(h.get("finished_at")),
+        last_release=_f(h.get("last_release")),
         extra={"batch_size": int(h.get("batch_size", 0)) or None},
     )
+
+
+def _bits(r: redis.Redis, key: str, total: int) -> list[int]:
+    """Indices of the set bits of a bitmap below ``total``."""
+    out: list[int] = []
+    data = r.get(key) or b""
+    for byte_i, byte in enumerate(data):
+        if byte:
+            for bit in range(8):
+                if byte & (0x80 >> bit):
+                    idx = byte_i * 8 + bit
+                    if idx < total:
+                        out.append(idx)
+    return out
 
 
 def dumps(obj: Any) -> str:

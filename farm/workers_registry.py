@@ -52,3 +52,77 @@ class WorkerRegistry:
         if stale:
             self.r.zrem(self.index, *stale)
         return out
+
+
+class Assignments:
+    """Which model each worker serves, decided by the scheduler and applied by the worker
+    itself (it polls its entry), so a restart of either side loses nothing.
+
+    Also kept here: the number of model loads the scheduler decided per worker, and the
+    per worker and model failure blocks (expiring)."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "farm"):
+        self.r = client
+        self.key = f"{namespace}:assign"
+        self.loads_key = f"{namespace}:decided_loads"
+        self.blocks_key = f"{namespace}:blocks"
+        self.fail_prefix = f"{namespace}:fail:"
+
+    def set(self, worker: str, model: str | None, at: float) -> None:
+        if model is None:
+            self.r.hdel(self.key, worker)
+            return
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.key, worker, json.dumps({"model": model, "at": at}))
+        pipe.hincrby(self.loads_key, worker, 1)
+        pipe.execute()
+
+    def get(self, worker: str) -> tuple[str, float] | None:
+        raw = self.r.hget(self.key, worker)
+        if raw is None:
+            return None
+        d = json.loads(raw)
+        return d["model"], float(d["at"])
+
+    def all(self) -> dict[str, tuple[str, float]]:
+        out = {}
+        for k, v in self.r.hgetall(self.key).items():
+            d = json.loads(v)
+            out[k.decode() if isinstance(k, bytes) else k] = (d["model"], float(d["at"]))
+        return out
+
+    def remove(self, worker: str) -> None:
+        self.r.hdel(self.key, worker)
+
+    def decided_loads(self) -> dict[str, int]:
+        return {
+            (k.decode() if isinstance(k, bytes) else k): int(v)
+            for k, v in self.r.hgetall(self.loads_key).items()
+        }
+
+    def record_failure(
+        self, worker: str, model: str, limit: int, window_s: float, block_s: float
+    ) -> bool:
+        """Count a failure of ``model`` on ``worker``; after ``limit`` failures within
+        ``window_s`` the pair is blocked for ``block_s``. True if it is blocked now."""
+        key = f"{self.fail_prefix}{worker}|{model}"
+        pipe = self.r.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, max(1, int(window_s)), nx=True)
+        count = int(pipe.execute()[0])
+        if count >= limit:
+            self.r.zadd(self.blocks_key, {f"{worker}|{model}": time.time() + block_s})
+            self.r.delete(key)
+            return True
+        return False
+
+    def blocked(self, now: float | None = None) -> dict[str, set[str]]:
+        now = time.time() if now is None else now
+        self.r.zremrangebyscore(self.blocks_key, "-inf", now)
+        out: dict[str, set[str]] = {}
+        for member in self.r.zrange(self.blocks_key, 0, -1):
+            worker, _, model = (member.decode() if isinstance(member, bytes) else member).partition(
+                "|"
+            )
+            out.setdefault(worker, set()).add(model)
+        return out

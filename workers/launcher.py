@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from farm.celery_app import render_queue
+from farm.celery_app import worker_queue
 from farm.config import Config
 
 
@@ -93,7 +93,7 @@ def worker_command(
         "--pool", "threads", "--concurrency", "1",
         "--prefetch-multiplier", "1",
         "--hostname", hostname,
-        "--queues", render_queue(config.namespace),
+        "--queues", worker_queue(config.namespace, hostname),
         "--task-events",
         "--without-gossip", "--without-mingle",
         "--loglevel", loglevel,

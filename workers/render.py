@@ -21,9 +21,11 @@ log = logging.getLogger("farm.worker")
 
 
 def run_render(rt: Runtime, msg: RenderMessage) -> dict[str, Any]:
-    state = rt.ledger.claim(msg.job_id, msg.task_no, rt.name)
+    state = rt.ledger.claim(msg.job_id, msg.task_no, rt.name, rt.instance)
+    if state == "paused":  # the ledger took the task back; it comes again on resume
+        return {"job": msg.job_id, "task": msg.task_no, "skipped": state}
     if state != "ok":
-        # paused/cancelled/finished job: the task is consumed without rendering
+        # cancelled/finished job: the task is consumed without rendering
         rt.ledger.finish_task(msg.job_id, msg.task_no)
         return {"job": msg.job_id, "task": msg.task_no, "skipped": state}
     job = rt.ledger.get(msg.job_id)
@@ -57,7 +59,11 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
         )
         t0 = time.perf_counter()
         pictures = engine.render(batch)
-        rt.stats.render_seconds += time.perf_counter() - t0
+        rt.stats.record_render(
+            f"{first.model}:{first.width}x{first.height}:{first.steps}",
+            time.perf_counter() - t0,
+            len(images),
+        )
         entry = rt.models.get(first.model)
         model_hash = entry.sha256[:10] if entry and entry.sha256 else None
         for p, picture in zip(images, pictures, strict=True):
@@ -81,6 +87,7 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
     except Exception:
         log.exception("task of job %s images %s..%s failed", job_id, indices[0], indices[-1])
         rt.ledger.mark(job_id, indices, ok=False)
+        rt.record_failure(first.model)
         raise
     rt.ledger.mark(job_id, indices, ok=True)
     rt.stats.images += len(indices)

@@ -11,15 +11,18 @@ import os
 import socket
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from farm.celery_app import model_queue
 from farm.config import Config
 from farm.jobs import Ledger
 from farm.models import ModelEntry, ModelRegistry
-from farm.workers_registry import WorkerRegistry
+from farm.workers_registry import Assignments, WorkerRegistry
 from storage import open_store
 from storage.models import ModelStore
 
@@ -43,6 +46,14 @@ class Stats:
     tasks: int = 0
     images: int = 0
     render_seconds: float = 0.0
+    # seconds per image by "model:WxH:steps", moving average
+    image_seconds: dict[str, float] = field(default_factory=dict)
+
+    def record_render(self, key: str, seconds: float, images: int) -> None:
+        per = seconds / max(1, images)
+        old = self.image_seconds.get(key)
+        self.image_seconds[key] = per if old is None else 0.7 * old + 0.3 * per
+        self.render_seconds += seconds
 
 
 class Runtime:
@@ -55,13 +66,20 @@ class Runtime:
         self.registry = WorkerRegistry(self.r, config.namespace)
         self.store = open_store(config.storage_url)
         self.model_store = ModelStore(self.store, config.model_cache)
+        self.assignments = Assignments(self.r, config.namespace)
+        self.instance = f"{self.name}#{uuid.uuid4().hex[:8]}"
         self.device = worker_device()
         self.engine: Any = None
         self.engine_model: tuple[str, str] | None = None  # (name, sha256)
+        # engines parked in host RAM (moved off the GPU), most recent last
+        self.parked: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.ram_models = int(os.environ.get("FARM_RAM_MODELS", "1"))
         self.current_task: str | None = None
+        self.assigned: str | None = None  # model queue this worker consumes now
         self.stats = Stats()
         self._lock = threading.Lock()
         self._beat: threading.Thread | None = None
+        self._watch: threading.Thread | None = None
         self._stop = threading.Event()
 
     # model handling
@@ -73,10 +91,13 @@ class Runtime:
         with self._lock:
             if self.engine is not None and self.engine_model == ident:
                 return self.engine
-            self.engine = None  # drop the old weights before loading new ones
-            self.engine_model = None
+            self._park()
             t0 = time.perf_counter()
-            engine = self._load(entry)
+            engine = self.parked.pop(ident, None)
+            if engine is not None:
+                engine = _move(engine, self.device)
+            else:
+                engine = self._load(entry)
             dt = time.perf_counter() - t0
             self.engine, self.engine_model = engine, ident
             self.stats.loads += 1
@@ -95,6 +116,15 @@ class Runtime:
             )
             return engine
 
+    def _park(self) -> None:
+        """Move the loaded engine to host RAM (keeping at most ``ram_models`` there)."""
+        if self.engine is not None and self.engine_model is not None and self.ram_models > 0:
+            self.parked[self.engine_model] = _move(self.engine, "cpu")
+            while len(self.parked) > self.ram_models:
+                self.parked.popitem(last=False)
+        self.engine = None
+        self.engine_model = None
+
     def _load(self, entry: ModelEntry) -> Any:
         if entry.engine == "synthetic":
             from workers.engine.synthetic import SyntheticEngine
@@ -107,18 +137,88 @@ class Runtime:
 
     # inventory / heartbeat
     def inventory(self) -> dict[str, Any]:
+        vram_total, vram_free = _vram(self.device)
         return {
+            "instance": self.instance,
             "device": device_label(),
             "node": socket.gethostname(),
             "pid": os.getpid(),
+            "vram_total": vram_total,
+            "vram_free": vram_free,
             "model": self.engine_model[0] if self.engine_model else None,
+            "assigned": self.assigned,
+            "models": {
+                "vram": [self.engine_model[0]] if self.engine_model else [],
+                "ram": [name for name, _ in self.parked],
+                "disk": self._disk_models(),
+            },
             "current_task": self.current_task,
             "loads": self.stats.loads,
             "load_seconds": self.stats.load_seconds,
+            "image_seconds": self.stats.image_seconds,
             "tasks": self.stats.tasks,
             "images": self.stats.images,
             "render_seconds": round(self.stats.render_seconds, 3),
         }
+
+    def _disk_models(self) -> list[str]:
+        try:
+            entries = self.models.list()
+        except redis.RedisError:
+            return []
+        return [e.name for e in entries if e.sha256 and self.model_store.is_cached(e.sha256)]
+
+    # model assignment: the scheduler writes it, the worker applies it
+    def watch_assignment(self, consumer: Any, interval: float = 0.5) -> None:
+        """Follow this worker's assignment: switch the Celery consumer to the assigned
+        model's queue, loading the model first so the first task does not wait."""
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    got = self.assignments.get(self.name)
+                    model = got[0] if got else None
+                    if model != self.assigned:
+                        self._switch(consumer, model)
+                except Exception:  # noqa: BLE001 - keep following; log and retry
+                    log.exception("applying the assignment failed")
+                    self._stop.wait(2.0)
+                self._stop.wait(interval)
+
+        self._watch = threading.Thread(target=loop, name="farm-assignment", daemon=True)
+        self._watch.start()
+
+    def _switch(self, consumer: Any, model: str | None) -> None:
+        ns = self.config.namespace
+        old = self.assigned
+        if old is not None:
+            consumer.call_soon(consumer.cancel_task_queue, model_queue(ns, old))
+        self.assigned = model
+        if model is None:
+            log.info("%s: no model assigned", self.name)
+            return
+        try:
+            self.engine_for(model)
+        except Exception as exc:  # noqa: BLE001 - a broken model must not stop the worker
+            log.error("%s: cannot load %s: %s", self.name, model, exc)
+            self.record_failure(model)
+        queue = model_queue(ns, model)
+        consumer.call_soon(consumer.add_task_queue, queue, queue, "direct", queue)
+        log.info("%s: serving model %s (queue %s)", self.name, model, queue)
+        self.heartbeat_once()
+
+    def record_failure(self, model: str) -> None:
+        c = self.config
+        if self.assignments.record_failure(
+            self.name, model, c.fail_limit, c.fail_window, c.fail_block
+        ):
+            log.warning(
+                "%s: %s failed %d times; blocked for %s s",
+                self.name,
+                model,
+                c.fail_limit,
+                c.fail_block,
+            )
 
     def heartbeat_once(self) -> None:
         self.registry.publish(self.name, self.inventory(), ttl=self.config.worker_ttl)
@@ -143,3 +243,26 @@ class Runtime:
             self.registry.remove(self.name)
         except redis.RedisError:
             pass
+
+
+def _move(engine: Any, device: str) -> Any:
+    """Move an engine's torch modules to ``device`` (no-op for engines without them)."""
+    for attr in ("unet", "vae", "text_encoder"):
+        module = getattr(engine, attr, None)
+        if module is not None and hasattr(module, "to"):
+            setattr(engine, attr, module.to(device))
+    if hasattr(engine, "device"):
+        engine.device = device
+    return engine
+
+
+def _vram(device: str) -> tuple[int | None, int | None]:
+    if not device.startswith("cuda"):
+        return None, None
+    try:
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return int(total), int(free)
+    except Exception:  # noqa: BLE001 - inventory is best effort
+        return None, None

@@ -29,6 +29,7 @@ from farm.api.schemas import (
     JobDetail,
     JobSummary,
     ModelInfo,
+    PriorityChange,
     WorkerInfo,
 )
 from farm.config import Config
@@ -246,6 +247,58 @@ def create_app(
             raise HTTPException(404, f"no job {job_id!r}")
         if res not in ("ok", "cancelled"):
             raise HTTPException(409, f"job {job.id} is {res}; it can no longer be cancelled")
+        return SafeJSONResponse(detail(farm.job(job.id)))
+
+    conflict = {409: {"model": ErrorBody, "description": "not possible in the job's state"}}
+
+    @app.post(
+        "/v1/jobs/{job_id}/pause",
+        response_model=JobDetail,
+        responses={**ERRORS, **NOT_FOUND, **conflict},
+        summary="Pause a job: no task of it starts after this returns",
+    )
+    def pause(job_id: str) -> Response:
+        job = farm.job(job_id)
+        res = farm.ledger.pause(job.id)
+        if res not in ("ok", "paused"):
+            raise HTTPException(409, f"job {job.id} is {res}; only a queued or running job pauses")
+        return SafeJSONResponse(detail(farm.job(job.id)))
+
+    @app.post(
+        "/v1/jobs/{job_id}/resume",
+        response_model=JobDetail,
+        responses={**ERRORS, **NOT_FOUND, **conflict},
+        summary="Resume a paused job",
+    )
+    def resume(job_id: str) -> Response:
+        job = farm.job(job_id)
+        res = farm.ledger.resume(job.id)
+        if res not in ("ok", "queued", "running"):
+            raise HTTPException(409, f"job {job.id} is {res}; only a paused job resumes")
+        return SafeJSONResponse(detail(farm.job(job.id)))
+
+    @app.post(
+        "/v1/jobs/{job_id}/retry",
+        response_model=JobDetail,
+        responses={**ERRORS, **NOT_FOUND, **conflict},
+        summary="Render the job's failed images again",
+    )
+    def retry(job_id: str) -> Response:
+        job = farm.job(job_id)
+        state, _n = farm.ledger.retry_failed(job.id)
+        if state == "cancelled":
+            raise HTTPException(409, f"job {job.id} is cancelled; it cannot be retried")
+        return SafeJSONResponse(detail(farm.job(job.id)))
+
+    @app.post(
+        "/v1/jobs/{job_id}/priority",
+        response_model=JobDetail,
+        responses={**ERRORS, **BODY_ERRORS, **NOT_FOUND},
+        summary="Change a job's priority, also while it runs",
+    )
+    def priority(job_id: str, change: PriorityChange) -> Response:
+        job = farm.job(job_id)
+        farm.ledger.set_priority(job.id, change.priority)
         return SafeJSONResponse(detail(farm.job(job.id)))
 
     @app.get("/v1/workers", response_model=list[WorkerInfo], responses=ERRORS)

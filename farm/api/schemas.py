@@ -72,6 +72,12 @@ class WorkerInfo(BaseModel):
     last_seen: float
 
 
+class PriorityChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int = Field(description="0 (lowest) to 100 (highest)", ge=0, le=100)
+
+
 class Health(BaseModel):
     ok: bool
     detail: str | None = None
