@@ -92,10 +92,12 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'type', 'task-started'
 return 'ok'
 """
 
-# KEYS: job, tasks, wake, running   ARGV: task_no, job_id
+# KEYS: job, tasks, wake, running, events   ARGV: task_no, job_id
 _FINISH_TASK = """
 redis.call('HDEL', KEYS[4], ARGV[2] .. '/' .. ARGV[1])
 if redis.call('SETBIT', KEYS[2], tonumber(ARGV[1]), 1) == 0 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'type', 'task-finished',
+    'job', ARGV[2], 'task', ARGV[1])
   redis.call('RPUSH', KEYS[3], 1)
   redis.call('LTRIM', KEYS[3], 0, 0)
   if tonumber(redis.call('HGET', KEYS[1], 'inflight')) > 0 then
@@ -411,6 +413,7 @@ class Ledger:
                 self.job_key(job_id, "tasks"),
                 self.wake_key,
                 self.running_key,
+                self.events_key,
             ],
             args=[task_no, job_id],
         )

@@ -65,17 +65,26 @@ class Assignments:
         self.r = client
         self.key = f"{namespace}:assign"
         self.loads_key = f"{namespace}:decided_loads"
+        self.last_key = f"{namespace}:assign_last"
         self.blocks_key = f"{namespace}:blocks"
         self.fail_prefix = f"{namespace}:fail:"
 
-    def set(self, worker: str, model: str | None, at: float) -> None:
+    def set(self, worker: str, model: str | None, at: float, instance: str = "") -> bool:
+        """Assign ``model`` (None: nothing) to ``worker``. Returns whether this decides a
+        model load: the worker process ``instance`` was last given another model."""
         if model is None:
             self.r.hdel(self.key, worker)
-            return
+            return False
+        raw = self.r.hget(self.last_key, worker)
+        last = json.loads(raw) if raw else {}
+        load = (last.get("instance"), last.get("model")) != (instance, model)
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.key, worker, json.dumps({"model": model, "at": at}))
-        pipe.hincrby(self.loads_key, worker, 1)
+        pipe.hset(self.last_key, worker, json.dumps({"instance": instance, "model": model}))
+        if load:
+            pipe.hincrby(self.loads_key, worker, 1)
         pipe.execute()
+        return load
 
     def get(self, worker: str) -> tuple[str, float] | None:
         raw = self.r.hget(self.key, worker)

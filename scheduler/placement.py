@@ -60,6 +60,8 @@ class PlacementParams:
     hysteresis: float = 16.0  # grow only when backlog > hysteresis * holders * load
     min_dwell_s: float = 0.0  # a busy worker keeps its model at least this long
     priority_preempt: int = 20  # priority gap that lets a model take another's workers
+    cover_wait_s: float = 0.0  # an uncovered model waits this long for a holder to free
+    straggler: float = 0.0  # grow only a model finishing after straggler * total backlog / N
 
 
 def load_cost(worker: WorkerState, model: str, params: PlacementParams) -> float:
@@ -129,16 +131,32 @@ def place(
         ok = [w for w in cands if m not in w.blocked]
         return min(ok, key=lambda w: (cost(w, m), w.name), default=None)
 
+    horizon = sum(d.backlog_s for d in live.values()) / max(1, len(ws))
+
     def wants(d: ModelDemand, c: float) -> bool:
-        return d.backlog_s > params.hysteresis * len(holders[d.model]) * c
+        k = len(holders[d.model])
+        if k and d.backlog_s / k <= params.straggler * horizon:
+            return False
+        return d.backlog_s > params.hysteresis * k * c
 
     order = sorted(live.values(), key=lambda d: (-d.priority, d.oldest, d.model))
 
+    # workers that free soon: their model's backlog ends within cover_wait_s
+    soon = sorted(
+        (live[m].backlog_s / len(hs), m)
+        for m, hs in holders.items()
+        if hs and live[m].backlog_s / len(hs) <= params.cover_wait_s
+    )
+    soon_n = [len(holders[m]) for _, m in soon]
     for d in order:  # 2. cover
         if holders[d.model]:
             continue
         w = cheapest(free, d.model)
         if w is None:
+            i = next((i for i, n in enumerate(soon_n) if n > 0), None)
+            if i is not None:
+                soon_n[i] -= 1
+                continue
             donors = [
                 v
                 for v in order

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -56,7 +57,7 @@ class Lease:
     def __init__(self, client: redis.Redis, namespace: str, ttl_s: float):
         self.r = client
         self.key = f"{namespace}:scheduler:leader"
-        self.me = uuid.uuid4().hex
+        self.me = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.ttl_ms = max(100, int(ttl_s * 1000))
         self._script = client.register_script(_LEASE)
 
@@ -179,13 +180,14 @@ class Scheduler:
                 )
             )
         decision = place(states, self.demands(jobs, inventories, now), now, self.params)
+        instances = {w["name"]: w.get("instance", "") for w in inventories}
         holders: dict[str, int] = defaultdict(int)
         for name, model in decision.items():
             if model != current.get(name, (None, 0.0))[0]:
-                self.assignments.set(name, model, now)
+                load = self.assignments.set(name, model, now, instances.get(name, ""))
                 self.r.xadd(
                     self.ledger.events_key,
-                    {"type": "assign", "worker": name, "model": model or ""},
+                    {"type": "assign", "worker": name, "model": model or "", "load": int(load)},
                     maxlen=100_000,
                     approximate=True,
                 )
@@ -207,6 +209,7 @@ class Scheduler:
                     created_at=j.created_at,
                     outstanding=j.outstanding,
                     remaining=j.remaining_tasks,
+                    level=9 - celery_priority(j.priority),
                 )
                 for j in group
             ]

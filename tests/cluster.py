@@ -24,7 +24,7 @@ from farm.celery_app import make_app
 from farm.config import Config
 from farm.jobs import JobRecord, Ledger
 from farm.stack import register_model
-from farm.workers_registry import WorkerRegistry
+from farm.workers_registry import Assignments, WorkerRegistry
 from scheduler.service import Scheduler
 from storage import open_store
 from tests.servers import MotoServer, RedisServer
@@ -33,9 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Cluster:
-    def __init__(self, tmp: Path, workers: int = 2, models: dict[str, Path] | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        workers: int = 2,
+        models: dict[str, Path] | None = None,
+        schedulers: int = 0,
+        env: dict[str, str] | None = None,
+    ):
+        """``schedulers`` = 0 runs the scheduler in a thread of the test process (a test
+        can hold it back); N > 0 runs N ``farm scheduler`` processes (one leads)."""
         self.tmp = tmp
         self.n_workers = workers
+        self.n_schedulers = schedulers
+        self.extra_env = env or {}
+        self.scheduler_procs: list[subprocess.Popen[bytes]] = []
         self.models = models or {}
         self.redis_server = RedisServer()
         self.moto = MotoServer()
@@ -52,13 +64,13 @@ class Cluster:
         for k, v in self.moto.env.items():
             os.environ[k] = v  # boto3 in this process (S3Store, checks)
         self.config = replace(
-            Config.from_env({}),
+            Config.from_env(self.extra_env),
             data_dir=str(self.tmp),
             redis_url=self.redis_server.url,
             namespace="t" + uuid.uuid4().hex[:6],
             storage_url=f"s3://{self.bucket}/out?create=1",
             model_cache=str(self.tmp / "worker-cache"),
-            worker_ttl=10,
+            worker_ttl=int(self.extra_env.get("FARM_WORKER_TTL", 10)),
             queue_depth=2,
             scheduler_interval=0.05,
         )
@@ -71,10 +83,34 @@ class Cluster:
         for name, path in self.models.items():
             register_model(upload_cfg, self.r, path, name)
         self.start_workers()
-        self.scheduler = Scheduler(self.config, self.r)
-        self._thread = threading.Thread(target=self._sched_loop, daemon=True)
-        self._thread.start()
+        if self.n_schedulers:
+            for i in range(self.n_schedulers):
+                log = open(self.tmp / f"scheduler{i}.log", "ab")
+                self.scheduler_procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "farm.cli", "scheduler"],
+                        env=self.env(),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=ROOT,
+                    )  # fmt: skip
+                )
+            self.procs.extend(self.scheduler_procs)
+        else:
+            self.scheduler = Scheduler(self.config, self.r)
+            self._thread = threading.Thread(target=self._sched_loop, daemon=True)
+            self._thread.start()
         return self
+
+    def inventories(self) -> dict[str, dict[str, Any]]:
+        return {w["name"]: w for w in WorkerRegistry(self.r, self.config.namespace).live()}
+
+    def assignments_decided(self) -> dict[str, int]:
+        return Assignments(self.r, self.config.namespace).decided_loads()
+
+    def leader_pid(self) -> int | None:
+        raw = self.r.get(f"{self.config.namespace}:scheduler:leader")
+        return int(raw.decode().split("-")[0]) if raw else None
 
     def env(self) -> dict[str, str]:
         c = self.config
@@ -86,10 +122,13 @@ class Cluster:
             "FARM_STORAGE_URL": c.storage_url,
             "FARM_MODEL_CACHE": c.model_cache,
             "FARM_WORKER_TTL": str(c.worker_ttl),
+            "FARM_QUEUE_DEPTH": str(c.queue_depth),
+            "FARM_SCHEDULER_INTERVAL": str(c.scheduler_interval),
             "FARM_DATA_DIR": c.data_dir,
             "PYTHONPATH": str(ROOT),
             "TRANSFORMERS_VERBOSITY": "error",
             "HF_HUB_OFFLINE": "1",
+            **self.extra_env,
         }
 
     def start_workers(self, timeout: float = 120.0) -> None:

@@ -21,6 +21,15 @@ log = logging.getLogger("farm.worker")
 
 
 def run_render(rt: Runtime, msg: RenderMessage) -> dict[str, Any]:
+    job = rt.ledger.get(msg.job_id)
+    plan = job.plan
+    task = plan.task(msg.task_no)
+    model = plan.cell_settings(task.cell)["model"]
+    if rt.assigned is not None and model != rt.assigned:
+        # fetched from a queue this worker just left: hand it to the model's holders
+        # rather than load a model the scheduler did not give this worker
+        rt.forward(msg, model, job.priority)
+        return {"job": msg.job_id, "task": msg.task_no, "forwarded": model}
     state = rt.ledger.claim(msg.job_id, msg.task_no, rt.name, rt.instance)
     if state == "paused":  # the ledger took the task back; it comes again on resume
         return {"job": msg.job_id, "task": msg.task_no, "skipped": state}
@@ -28,9 +37,6 @@ def run_render(rt: Runtime, msg: RenderMessage) -> dict[str, Any]:
         # cancelled/finished job: the task is consumed without rendering
         rt.ledger.finish_task(msg.job_id, msg.task_no)
         return {"job": msg.job_id, "task": msg.task_no, "skipped": state}
-    job = rt.ledger.get(msg.job_id)
-    plan = job.plan
-    task = plan.task(msg.task_no)
     todo = [plan.image(i) for i in range(task.start, task.end) if not rt.ledger.is_done(job.id, i)]
     rt.current_task = f"{job.id}/{msg.task_no}"
     try:

@@ -81,6 +81,7 @@ class Runtime:
         self._beat: threading.Thread | None = None
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
+        self._app: Any = None
 
     # model handling
     def engine_for(self, model: str) -> Any:
@@ -206,6 +207,18 @@ class Runtime:
         consumer.call_soon(consumer.add_task_queue, queue, queue, "direct", queue)
         log.info("%s: serving model %s (queue %s)", self.name, model, queue)
         self.heartbeat_once()
+
+    def forward(self, msg: Any, model: str, priority: int) -> None:
+        from farm.celery_app import RENDER_TASK, celery_priority, make_app
+
+        if self._app is None:
+            self._app = make_app(self.config)
+        self._app.send_task(
+            RENDER_TASK,
+            kwargs=msg.model_dump(),
+            queue=model_queue(self.config.namespace, model),
+            priority=celery_priority(priority),
+        )
 
     def record_failure(self, model: str) -> None:
         c = self.config

@@ -32,3 +32,12 @@ def test_capacity_is_shallow_but_never_zero():
     assert capacity(0, 4) == 4
     assert capacity(3, 2) == 6
     assert capacity(1, 1) == 2
+
+
+def test_a_higher_broker_class_is_not_blocked_by_lower_outstanding_tasks():
+    low = JobView("low", 10, 0.0, outstanding=6, remaining=50, level=1)
+    high = JobView("high", 90, 5.0, outstanding=0, remaining=3, level=8)
+    assert plan_releases([low, high], 6) == [("high", 3)]
+    # but within one class the cap holds
+    same = JobView("same", 10, 5.0, outstanding=0, remaining=3, level=1)
+    assert plan_releases([low, same], 6) == []

@@ -35,7 +35,9 @@ UNET_CONFIG: dict[str, Any] = {
     # SD1 layout: the loader finds input_blocks.4.1...attn2 (block 1 has cross-attention)
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": TEXT_ENCODER_CONFIG["hidden_size"], "attention_head_dim": 32,
+    "cross_attention_dim": TEXT_ENCODER_CONFIG["hidden_size"],
+    # diffusers reads attention_head_dim as the number of heads (SD1 naming): head width 32
+    "attention_head_dim": [2, 4, 4],
     "norm_num_groups": 32,
 }
 # Stable Diffusion's training noise schedule, written into the checkpoint's metadata
@@ -53,7 +55,7 @@ SMOKE_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "num_attention_heads": 2, "num_hidden_layers": 1, "projection_dim": 32}
 SMOKE_UNET_CONFIG: dict[str, Any] = {
     **UNET_CONFIG, "layers_per_block": 2, "block_out_channels": [32, 32, 32],
-    "cross_attention_dim": 32, "attention_head_dim": 16, "norm_num_groups": 8}
+    "cross_attention_dim": 32, "attention_head_dim": [1, 1, 1], "norm_num_groups": 8}
 
 # what the demo renders with unless told otherwise
 DEFAULT_SAMPLER = "DPM++ 2M"
