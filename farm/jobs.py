@@ -167,12 +167,14 @@ for i = 4, 3 + n_images do
 end
 if cleared == 0 then return {state, 0} end
 redis.call('HINCRBY', KEYS[1], 'failed', -cleared)
+local cursor = tonumber(redis.call('HGET', KEYS[1], 'cursor'))
 for i = 4 + n_images, #ARGV do
   local t = tonumber(ARGV[i])
   if redis.call('SETBIT', KEYS[3], t, 0) == 1 then
     redis.call('HINCRBY', KEYS[1], 'tasks_finished', -1)
   end
-  redis.call('ZADD', KEYS[4], t, t)
+  -- a task not released yet goes out with the cursor anyway
+  if t < cursor then redis.call('ZADD', KEYS[4], t, t) end
 end
 if state == 'failed' or state == 'done' then
   state = 'running'

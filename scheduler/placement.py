@@ -61,6 +61,7 @@ class PlacementParams:
     min_dwell_s: float = 0.0  # a busy worker keeps its model at least this long
     priority_preempt: int = 20  # priority gap that lets a model take another's workers
     cover_wait_s: float = 0.0  # an uncovered model waits this long for a holder to free
+    stint: float = 0.0
     straggler: float = 0.0  # grow only a model finishing after straggler * total backlog / N
 
 
@@ -136,6 +137,8 @@ def place(
     def wants(d: ModelDemand, c: float) -> bool:
         k = len(holders[d.model])
         if k and d.backlog_s / k <= params.straggler * horizon:
+            return False
+        if k and d.backlog_s / (k + 1) < params.stint * horizon:
             return False
         return d.backlog_s > params.hysteresis * k * c
 

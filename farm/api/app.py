@@ -274,7 +274,7 @@ def create_app(
         job = farm.job(job_id)
         res = farm.ledger.resume(job.id)
         if res not in ("ok", "queued", "running"):
-            raise HTTPException(409, f"job {job.id} is {res}; only a paused job resumes")
+            raise HTTPException(409, f"job {job.id} is {res}; it can no longer resume")
         return SafeJSONResponse(detail(farm.job(job.id)))
 
     @app.post(

@@ -191,3 +191,72 @@ def test_unknown_model_names_the_field(
     assert r.status_code == 422
     assert r.json()["detail"] == [{"field": "sweep.model[1]", "msg": r.json()["detail"][0]["msg"]}]
     assert "ghost" in r.json()["detail"][0]["msg"]
+
+
+def test_pause_and_resume(submit: Submit, client: TestClient) -> None:
+    job = submit(count=4)
+    r = client.post(f"/v1/jobs/{job['id']}/pause")
+    assert r.status_code == 200 and r.json()["state"] == "paused"
+    assert client.post(f"/v1/jobs/{job['id']}/pause").status_code == 200  # idempotent
+    r = client.post(f"/v1/jobs/{job['id']}/resume")
+    assert r.status_code == 200 and r.json()["state"] == "queued"  # no task started yet
+    assert client.post(f"/v1/jobs/{job['id']}/resume").status_code == 200  # idempotent
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    r = client.post(f"/v1/jobs/{job['id']}/resume")
+    assert r.status_code == 409 and "cancelled" in r.json()["detail"]
+
+
+def test_pause_of_a_finished_job_is_409(
+    submit: Submit, client: TestClient, redis_client: redis.Redis, config: Config
+) -> None:
+    job = submit(count=1)
+    ledger(redis_client, config).mark(job["id"], [0])
+    r = client.post(f"/v1/jobs/{job['id']}/pause")
+    assert r.status_code == 409 and "done" in r.json()["detail"]
+
+
+def test_priority_changes_while_queued(submit: Submit, client: TestClient) -> None:
+    job = submit(priority=10)
+    r = client.post(f"/v1/jobs/{job['id']}/priority", json={"priority": 95})
+    assert r.status_code == 200 and r.json()["priority"] == 95
+    assert client.get(f"/v1/jobs/{job['id']}").json()["priority"] == 95
+    r = client.post(f"/v1/jobs/{job['id']}/priority", json={"priority": 101})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "priority"
+
+
+def test_retry_clears_failed_images_and_reopens_the_job(
+    submit: Submit, client: TestClient, redis_client: redis.Redis, config: Config
+) -> None:
+    job = submit(count=4, batch_size=2)
+    led = ledger(redis_client, config)
+    assert led.release(job["id"], 5) == [0, 1]  # as the scheduler would
+    led.mark(job["id"], [0, 1])
+    led.mark(job["id"], [2, 3], ok=False)
+    assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == "failed"
+    r = client.post(f"/v1/jobs/{job['id']}/retry")
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["state"], body["done"], body["failed"]) == ("running", 2, 0)
+    record = led.get(job["id"])
+    assert record.requeued == 1  # the one task holding images 2 and 3
+    assert led.release(job["id"], 5) == [1]  # released again, once
+    r = client.post(f"/v1/jobs/{job['id']}/retry")  # nothing failed: no change
+    assert r.status_code == 200 and r.json()["failed"] == 0
+
+
+def test_retry_of_a_cancelled_job_is_409(submit: Submit, client: TestClient) -> None:
+    job = submit()
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    r = client.post(f"/v1/jobs/{job['id']}/retry")
+    assert r.status_code == 409 and "cancelled" in r.json()["detail"]
+
+
+def test_retry_does_not_requeue_tasks_never_released(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    job = submit(count=4, batch_size=2)
+    led = ledger(redis_client, config)
+    assert led.release(job["id"], 1) == [0]
+    led.mark(job["id"], [0, 1, 2], ok=False)  # image 2 belongs to task 1, not released yet
+    assert led.retry_failed(job["id"]) == ("queued", 3)
+    assert led.release(job["id"], 5) == [0, 1]
