@@ -108,6 +108,9 @@ class Cluster:
     def assignments_decided(self) -> dict[str, int]:
         return Assignments(self.r, self.config.namespace).decided_loads()
 
+    def assignments_blocked(self) -> dict[str, set[str]]:
+        return Assignments(self.r, self.config.namespace).blocked()
+
     def leader_pid(self) -> int | None:
         raw = self.r.get(f"{self.config.namespace}:scheduler:leader")
         return int(raw.decode().split("-")[0]) if raw else None

@@ -25,9 +25,12 @@ def run_render(rt: Runtime, msg: RenderMessage) -> dict[str, Any]:
     plan = job.plan
     task = plan.task(msg.task_no)
     model = plan.cell_settings(task.cell)["model"]
-    if rt.assigned is not None and model != rt.assigned:
-        # fetched from a queue this worker just left: hand it to the model's holders
-        # rather than load a model the scheduler did not give this worker
+    assigned = rt.assignments.get(rt.name)
+    if assigned is None or assigned[0] != model:
+        # fetched from a queue this worker is leaving (its consumer follows the
+        # assignment within a moment): hand it to the model's holders rather than load
+        # a model the scheduler did not give this worker
+        time.sleep(0.2)
         rt.forward(msg, model, job.priority)
         return {"job": msg.job_id, "task": msg.task_no, "forwarded": model}
     state = rt.ledger.claim(msg.job_id, msg.task_no, rt.name, rt.instance)

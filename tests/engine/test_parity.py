@@ -28,9 +28,15 @@ STEPS = 10
 TOL = 1e-4
 CFG = 3.0
 IMAGES = (ImageRequest("a photo of a cat", "blurry", 3), ImageRequest("a red car", "", 4))
-BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
-             "timestep_spacing": "linspace", "steps_offset": 1}
+BETAS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "linspace",
+    "steps_offset": 1,
+}
 UNIFORM_TIMESTEPS = [999 - 111 * i for i in range(STEPS)]
 
 
@@ -39,20 +45,41 @@ def diffusers_scheduler(kind: str, karras: bool):
 
     if kind == "euler":
         return EulerDiscreteScheduler(**BETAS, use_karras_sigmas=karras)
-    return DPMSolverMultistepScheduler(**BETAS, algorithm_type="dpmsolver++", solver_order=2,
-                                       final_sigmas_type="zero", use_karras_sigmas=karras)
+    return DPMSolverMultistepScheduler(
+        **BETAS,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+        use_karras_sigmas=karras,
+    )
 
 
-def run_both(engine, sampler: str, schedule: str, scheduler, quantize: bool,
-             timesteps: list[int] | None = None) -> tuple[float, float]:
+def run_both(
+    engine,
+    sampler: str,
+    schedule: str,
+    scheduler,
+    quantize: bool,
+    timesteps: list[int] | None = None,
+) -> tuple[float, float]:
     """(max abs diff, max abs latent) between the engine and diffusers' pipeline."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    batch = BatchRequest(images=IMAGES, width=64, height=64, steps=STEPS, cfg_scale=CFG,
-                         sampler_name=sampler, scheduler=schedule)
-    noise = torch.stack([torch.randn(engine.latent_shape(batch),
-                                     generator=torch.Generator().manual_seed(r.seed))
-                         for r in IMAGES])
+    batch = BatchRequest(
+        images=IMAGES,
+        width=64,
+        height=64,
+        steps=STEPS,
+        cfg_scale=CFG,
+        sampler_name=sampler,
+        scheduler=schedule,
+    )
+    noise = torch.stack(
+        [
+            torch.randn(engine.latent_shape(batch), generator=torch.Generator().manual_seed(r.seed))
+            for r in IMAGES
+        ]
+    )
     sigma_max = float(engine.sigmas(batch)[0])
     if isinstance(scheduler, EulerDiscreteScheduler):
         scheduler.set_timesteps(STEPS)
@@ -67,15 +94,27 @@ def run_both(engine, sampler: str, schedule: str, scheduler, quantize: bool,
         engine.quantize = False
 
     pipe = StableDiffusionPipeline(
-        vae=engine.vae, text_encoder=engine.text_encoder, tokenizer=engine.tokenizer,
-        unet=engine.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        vae=engine.vae,
+        text_encoder=engine.text_encoder,
+        tokenizer=engine.tokenizer,
+        unet=engine.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     steps = {"timesteps": timesteps} if timesteps else {"num_inference_steps": STEPS}
-    theirs = pipe(prompt=[r.prompt for r in IMAGES],
-                  negative_prompt=[r.negative_prompt for r in IMAGES], guidance_scale=CFG,
-                  height=64, width=64, latents=noise.clone(), output_type="latent",
-                  **steps).images
+    theirs = pipe(
+        prompt=[r.prompt for r in IMAGES],
+        negative_prompt=[r.negative_prompt for r in IMAGES],
+        guidance_scale=CFG,
+        height=64,
+        width=64,
+        latents=noise.clone(),
+        output_type="latent",
+        **steps,
+    ).images
     assert theirs.shape == ours.shape
     return (theirs - ours).abs().max().item(), ours.abs().max().item()
 
@@ -89,20 +128,24 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("sampler", "schedule", "kind", "karras", "quantize", "timesteps"),
-                         CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "kind", "karras", "quantize", "timesteps"),
+    CASES,
+    ids=[f"{c[0]}-{c[1]}" for c in CASES],
+)
 def test_parity_with_diffusers(engine, sampler, schedule, kind, karras, quantize, timesteps):
-    diff, scale = run_both(engine, sampler, schedule, diffusers_scheduler(kind, karras),
-                           quantize, timesteps)
+    diff, scale = run_both(
+        engine, sampler, schedule, diffusers_scheduler(kind, karras), quantize, timesteps
+    )
     print(f"{sampler} / {schedule}: max abs diff {diff:.3g} (latents up to {scale:.3g})")
     assert diff <= TOL
 
 
 def test_parity_check_can_fail(engine):
     """Mismatched settings must show: a wrong schedule, or continuous vs rounded timesteps."""
-    wrong_schedule, _ = run_both(engine, "Euler", "Uniform", diffusers_scheduler("euler", True),
-                                 False)
+    wrong_schedule, _ = run_both(
+        engine, "Euler", "Uniform", diffusers_scheduler("euler", True), False
+    )
     assert wrong_schedule > 100 * TOL
-    unquantized, _ = run_both(engine, "DPM++ 2M", "Karras", diffusers_scheduler("dpm", True),
-                              False)
+    unquantized, _ = run_both(engine, "DPM++ 2M", "Karras", diffusers_scheduler("dpm", True), False)
     assert unquantized > 10 * TOL

@@ -7,8 +7,15 @@ PROMPTS = ["a photo of a cat", "a red car", "mountains at dusk", "a bowl of soup
 
 
 def batch(images, sampler="Euler a", steps=6, cfg=7.0, width=64, height=64):
-    return BatchRequest(images=tuple(images), width=width, height=height, steps=steps,
-                        cfg_scale=cfg, sampler_name=sampler, scheduler="Automatic")
+    return BatchRequest(
+        images=tuple(images),
+        width=width,
+        height=height,
+        steps=steps,
+        cfg_scale=cfg,
+        sampler_name=sampler,
+        scheduler="Automatic",
+    )
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "Euler", "DPM++ 2M"])
@@ -24,8 +31,9 @@ def test_same_seed_same_image_whatever_the_batch(engine, sampler):
 
 
 def test_render_size_mode_and_cfg_one(engine):
-    images = engine.render(batch([ImageRequest("a cat", "", 1)], "Euler", steps=2, cfg=1.0,
-                                 width=48, height=64))
+    images = engine.render(
+        batch([ImageRequest("a cat", "", 1)], "Euler", steps=2, cfg=1.0, width=48, height=64)
+    )
     assert len(images) == 1
     assert images[0].size == (48, 64) and images[0].mode == "RGB"
 
@@ -39,11 +47,14 @@ def test_seed_changes_ancestral_noise(engine):
     assert not np.array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"sampler": "Heun"}, "sampler_name"),
-    ({"width": 60}, "width"),
-    ({"steps": 0}, "steps"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"sampler": "Heun"}, "sampler_name"),
+        ({"width": 60}, "width"),
+        ({"steps": 0}, "steps"),
+    ],
+)
 def test_bad_requests_are_engine_errors(engine, kwargs, field):
     with pytest.raises(EngineError, match=field):
         engine.render(batch([ImageRequest("a", "", 1)], **kwargs))

@@ -62,8 +62,9 @@ def test_ode_samplers_follow_the_exact_flow():
 def test_ancestral_samples_the_data_distribution():
     s = 0.5
     x = torch.randn(20000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    out = sample_euler_ancestral(gaussian_denoiser(torch.tensor(1.0), s), x * 14.6,
-                                 sigmas(100), seeded_noise(3))
+    out = sample_euler_ancestral(
+        gaussian_denoiser(torch.tensor(1.0), s), x * 14.6, sigmas(100), seeded_noise(3)
+    )
     assert abs(out.mean().item() - 1.0) < 0.03
     assert abs(out.std().item() - s) < 0.03
 
@@ -71,14 +72,21 @@ def test_ancestral_samples_the_data_distribution():
 def test_schedules_match_diffusers():
     from diffusers import EulerDiscreteScheduler
 
-    betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                 "timestep_spacing": "linspace"}
+    betas = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "timestep_spacing": "linspace",
+    }
     den = DiscreteEpsDenoiser(lambda x, t: x, alphas_cumprod())
     for karras in (False, True):
         ref = EulerDiscreteScheduler(**betas, use_karras_sigmas=karras)
         ref.set_timesteps(10)
-        ours = get_sigmas_karras(10, den.sigma_min, den.sigma_max) if karras \
+        ours = (
+            get_sigmas_karras(10, den.sigma_min, den.sigma_max)
+            if karras
             else get_sigmas_uniform(den, 10)
+        )
         assert torch.allclose(ours, ref.sigmas.float(), rtol=1e-5, atol=1e-6)
 
 

@@ -23,8 +23,9 @@ def test_known_ids(tokenizer):
 
 
 def test_padding_and_truncation(tokenizer):
-    ids = tokenizer(["a cat", "dog " * 200], padding="max_length", max_length=77,
-                    truncation=True).input_ids
+    ids = tokenizer(
+        ["a cat", "dog " * 200], padding="max_length", max_length=77, truncation=True
+    ).input_ids
     assert [len(x) for x in ids] == [77, 77]
     assert tokenizer.pad_token_id == 49407
     assert ids[0][:4] == [49406, 320, 2368, 49407] and set(ids[0][4:]) == {49407}

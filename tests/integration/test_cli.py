@@ -82,6 +82,10 @@ def test_farm_up_serves_submit_status_cancel_and_stops_on_ctrl_c(tmp_path: Path)
 
         big = farm(env, "submit", "--model", "synthetic", "--prompt", "x", "--count", "100000")
         big_id = big.stdout.split()[1].rstrip(":")
+        assert "priority 80" in farm(env, "priority", big_id, "80").stdout
+        assert f"job {big_id} paused" in farm(env, "pause", big_id).stdout
+        resumed = farm(env, "resume", big_id).stdout
+        assert f"job {big_id} running" in resumed or f"job {big_id} queued" in resumed
         cancelled = farm(env, "cancel", big_id)
         assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
 

@@ -135,11 +135,18 @@ def test_retry_renders_failed_images_again(farm: Cluster) -> None:
     job_id = submit(farm, "late", count=4, batch_size=2)
     job = farm.wait(job_id)
     assert (job.state, job.done, job.failed) == ("failed", 0, 4)
+    # the worker that failed it FARM_FAIL_LIMIT times is kept off that model
+    blocked = [w for w, models in farm.assignments_blocked().items() if "late" in models]
+    assert len(blocked) == 1, farm.assignments_blocked()
     ModelStore(farm.store, farm.tmp / "upload-cache").add(path)
+    mark = last_event_id(farm.ledger)
     state, n = farm.ledger.retry_failed(job_id)
     assert (state, n) == ("running", 4)
     job = farm.wait(job_id)
     assert (job.state, job.done, job.failed) == ("done", 4, 0)
+    renderers = {f["worker"] for _, f in events(farm.ledger, after=mark)
+                 if f["type"] == "task-started" and f["job"] == job_id}  # fmt: skip
+    assert renderers and blocked[0] not in renderers
 
 
 def test_sigkill_of_a_worker_mid_task_loses_nothing(farm: Cluster) -> None:
