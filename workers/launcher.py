@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from farm.celery_app import worker_queue
 from farm.config import Config
+from farm.redis_server import stop_processes
 
 
 @dataclass(frozen=True)
@@ -148,16 +149,7 @@ class Launcher:
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stopping = True
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(list(self.procs.values()), timeout)
 
 
 def run(devices: str, config: Config, loglevel: str = "INFO") -> int:
