@@ -50,7 +50,6 @@ class ModelDemand:
     backlog_s: float  # render seconds left: unfinished images x seconds per image
     priority: int  # highest effective priority among its unfinished jobs (0-100)
     oldest: float  # submit time of its oldest unfinished job
-    recent_s: float = 0.0  # render seconds submitted for it over the last window
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,6 @@ class PlacementParams:
     hysteresis: float = 16.0  # grow only when backlog > hysteresis * holders * load
     min_dwell_s: float = 0.0  # a busy worker keeps its model at least this long
     priority_preempt: int = 20  # priority gap that lets a model take another's workers
-    cover_wait_s: float = 0.0  # an uncovered model waits this long for a holder to free
-    stint: float = 0.0
-    straggler: float = 0.0
-    forecast: float = 0.0
-    deficit: float | None = None
-    end_hysteresis: float | None = None  # grow only a model finishing after straggler * total backlog / N
 
 
 def load_cost(worker: WorkerState, model: str, params: PlacementParams) -> float:
@@ -93,7 +86,6 @@ def _merge(demands: Sequence[ModelDemand]) -> dict[str, ModelDemand]:
                 o.backlog_s + d.backlog_s,
                 max(o.priority, d.priority),
                 min(o.oldest, d.oldest),
-                o.recent_s + d.recent_s,
             )
         out[d.model] = d
     return out
@@ -137,43 +129,16 @@ def place(
         ok = [w for w in cands if m not in w.blocked]
         return min(ok, key=lambda w: (cost(w, m), w.name), default=None)
 
-    horizon = sum(d.backlog_s for d in live.values()) / max(1, len(ws))
-    demand = {m: d.backlog_s + params.forecast * d.recent_s for m, d in live.items()}
-    total = sum(demand.values())
-    arriving = any(d.recent_s > 0 for d in live.values())
-
-    def fair(d: ModelDemand) -> float:
-        return len(ws) * demand[d.model] / total
-
     def wants(d: ModelDemand, c: float) -> bool:
-        k = len(holders[d.model])
-        if not arriving and k and d.backlog_s / k <= params.straggler * horizon:
-            return False
-        if k and d.backlog_s / (k + 1) < params.stint * horizon:
-            return False
-        if params.deficit is not None and k + params.deficit >= fair(d):
-            return False
-        h = params.hysteresis if arriving or params.end_hysteresis is None else params.end_hysteresis
-        return d.backlog_s > h * k * c
+        return d.backlog_s > params.hysteresis * len(holders[d.model]) * c
 
     order = sorted(live.values(), key=lambda d: (-d.priority, d.oldest, d.model))
 
-    # workers that free soon: their model's backlog ends within cover_wait_s
-    soon = sorted(
-        (live[m].backlog_s / len(hs), m)
-        for m, hs in holders.items()
-        if hs and live[m].backlog_s / len(hs) <= params.cover_wait_s
-    )
-    soon_n = [len(holders[m]) for _, m in soon]
     for d in order:  # 2. cover
         if holders[d.model]:
             continue
         w = cheapest(free, d.model)
         if w is None:
-            i = next((i for i, n in enumerate(soon_n) if n > 0), None)
-            if i is not None:
-                soon_n[i] -= 1
-                continue
             donors = [
                 v
                 for v in order

@@ -46,7 +46,6 @@ class SimFarm:
     batch: int = 4  # images per task
     ram_slots: int = 0  # models a worker keeps in host RAM after dropping them
     ram_factor: float = 0.1
-    rate_window_s: float = 600.0  # window of ModelDemand.recent_s
 
     def load(self, model: str) -> float:
         return self.load_s.get(model, self.default_load_s)
@@ -188,11 +187,6 @@ class _FarmSim(_Sim):
                 backlog_s=sum(j.unfinished for j in js) * self.farm.render_s,
                 priority=max(j.spec.priority for j in js),
                 oldest=min(j.spec.arrival for j in js),
-                recent_s=sum(
-                    j.spec.images * self.farm.render_s
-                    for j in js
-                    if j.spec.arrival > self.now - self.farm.rate_window_s
-                ),
             )
             for m, js in sorted(by_model.items())
         ]
