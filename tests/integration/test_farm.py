@@ -174,3 +174,31 @@ def test_cancel_stops_new_tasks_and_keeps_finished_images(farm: Cluster) -> None
         key = image_key("renders", job_id, k, 9 + k)
         assert farm.store.exists(key) == farm.ledger.is_done(job_id, k)
     assert farm.ledger.cancel(job_id) == "cancelled"  # cancelling again changes nothing
+
+
+def test_worker_answers_and_heartbeats_during_a_render_and_keeps_its_model(farm: Cluster) -> None:
+    job_id = submit(farm, prompt="a long render", count=8, batch_size=8, steps=20, seed=3)
+    deadline = time.monotonic() + 120
+    while not farm.ledger.running():
+        assert time.monotonic() < deadline, "the task did not start"
+        time.sleep(0.05)
+    instance = next(iter(farm.ledger.running()))
+    name = instance.split("#")[0]
+    app = farm.celery()
+    replies, beats = [], set()
+    while farm.ledger.running().get(instance):
+        # a Celery control command is answered while the render runs (threads pool)
+        got = app.control.ping(destination=[name], timeout=1.0)
+        replies.append(bool(got))
+        beats.add(farm.inventories()[name]["last_seen"])
+        time.sleep(0.5)
+    job = farm.wait(job_id)
+    assert job.state == "done"
+    print(f"{len(replies)} pings during the render, {sum(replies)} answered; "
+          f"{len(beats)} distinct inventory heartbeats")  # fmt: skip
+    assert len(replies) >= 3 and all(replies)
+    assert len(beats) >= 2
+    # a worker loads its model once, however many tasks it runs
+    inv = farm.inventories()
+    assert inv[name]["loads"] == 1 and inv[name]["tasks"] > 1
+    assert all(w["loads"] <= 1 for w in inv.values())
