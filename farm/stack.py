@@ -105,14 +105,8 @@ class Stack:
         client.ping()
         ensure_default_model(self.config, client)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "FARM_REDIS_URL": self.config.redis(),
-            "FARM_STORAGE_URL": self.config.storage_url,
-            "FARM_MODEL_CACHE": self.config.model_cache,
-            "FARM_NAMESPACE": self.config.namespace,
-            "FARM_DATA_DIR": self.config.data_dir,
-        }
+        # the children see exactly this stack's settings (ports chosen here included)
+        env = {**os.environ, **{k: str(v) for k, v in self.config.items()}}
         py = sys.executable
         self._spawn("api", [py, "-m", "farm.cli", "api"], env)
         self._spawn("scheduler", [py, "-m", "farm.cli", "scheduler"], env)

@@ -20,12 +20,12 @@ pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def farm_env(tmp: Path, **extra: str) -> dict[str, str]:
+def farm_env(tmp: Path, ports: bool = True, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "AWS_"))}
+    if ports:
+        env.update(FARM_API_PORT=str(free_port()), FARM_FLOWER_PORT=str(free_port()))
     env.update(
         FARM_DATA_DIR=str(tmp / "data"),
-        FARM_API_PORT=str(free_port()),
-        FARM_FLOWER_PORT=str(free_port()),
         PYTHONPATH=str(ROOT),
         TRANSFORMERS_VERBOSITY="error",
         HF_HUB_OFFLINE="1",
@@ -114,7 +114,7 @@ def test_farm_up_serves_submit_status_cancel_and_stops_on_ctrl_c(tmp_path: Path)
 
 
 def test_farm_demo_runs_a_job_end_to_end(tmp_path: Path) -> None:
-    env = farm_env(tmp_path)
+    env = farm_env(tmp_path, ports=False)  # the demo picks free ports itself
     out = farm(env, "demo", "--devices", "cpu:1", "--count", "8", timeout=500)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "done: 16 done, 0 failed" in out.stdout
