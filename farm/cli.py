@@ -26,6 +26,12 @@ from farm.config import Config, load
 DEMO_PROMPTS = [
     "a red circle on a blue background",
     "a yellow triangle on a purple background",
+    "a white square on a black background",
+    "a green circle on an orange background",
+    "a large blue triangle on a white background",
+    "a small orange square on a green background",
+    "a purple circle on a yellow background, left",
+    "a black triangle on a red background, top",
 ]
 
 
@@ -230,10 +236,29 @@ def run_demo_job(client: FarmClient, spec: dict[str, Any], stack: Any) -> int:
     job = wait_with_bar(client, job["id"], timeout=900)
     print(f"job {job['id']} {job['state']}: {job['done']} done, {job['failed']} failed")
     images = client.all_images(job["id"])
-    for img in images:
-        print(f"  {img['url']}")
     print(f"{len(images)} images in {stack.describe()['storage']}")
+    if images:
+        sheet = write_contact_sheet(stack.config, images, spec["count"])
+        print(f"contact sheet: {sheet}")
     return 0 if job["state"] == "done" and len(images) == job["total"] else 1
+
+
+def write_contact_sheet(config: Config, images: list[dict[str, Any]], cols: int) -> Path:
+    """Prompts down, seeds across, read back from storage like any client would."""
+    import io
+
+    from PIL import Image
+
+    from storage import open_store
+    from workers.demo.contact_sheet import make_contact_sheet
+
+    store = open_store(config.storage_url)
+    pictures = [Image.open(io.BytesIO(store.get_bytes(img["key"]))) for img in images]
+    labels = [f"{img['prompt']} (seed {img['seed']})" for img in images]
+    path = Path(config.data_dir) / "demo" / "contact-sheet.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_contact_sheet(pictures, cols, labels).save(path)
+    return path
 
 
 def cmd_up(args: argparse.Namespace, config: Config) -> int:
@@ -248,7 +273,9 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
         config = replace(config, api_port=free_port())
     if not os.environ.get("FARM_FLOWER_PORT"):
         config = replace(config, flower_port=free_port())
-    spec = {
+    from workers.demo import DEMO_MODEL_NAME, demo_render_defaults
+
+    spec: dict[str, Any] = {
         "model": config.default_model,
         "prompt": DEMO_PROMPTS,
         "count": args.count,
@@ -258,9 +285,11 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
         "steps": 12,
         "cfg_scale": 6.0,
         "sampler_name": "DPM++ 2M",
-        "batch_size": 4,
+        "batch_size": 8,
         "output_prefix": "demo",
     }
+    if config.default_model == DEMO_MODEL_NAME:
+        spec.update(demo_render_defaults())
     return _serve_stack(args, config, spec)
 
 
@@ -276,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--devices", default="auto", help="auto, cpu:N or cuda:0,1")
         sp.add_argument("--no-flower", action="store_true", help="do not start Flower")
         if name == "demo":
-            sp.add_argument("--count", type=int, default=8, help="images per prompt")
+            sp.add_argument("--count", type=int, default=4, help="seeds per prompt")
 
     sp = sub.add_parser("submit", help="submit a job (spec file and/or flags)")
     sp.add_argument("spec", nargs="?", help="JSON spec file, or - for stdin")

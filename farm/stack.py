@@ -25,16 +25,23 @@ from storage.models import ModelStore
 
 
 def ensure_default_model(config: Config, client: redis.Redis) -> ModelEntry:
-    """Register the default model if it is missing.
+    """Register the default model if it is missing, with no step by the user.
 
-    Until a trained demo checkpoint ships, the default is a tiny random-weight SD1.x
-    checkpoint written on first use: it exercises the real loading and sampling path
-    (its pictures are noise).
+    ``demo-shapes`` is the miniature text-to-image model the project trains and ships
+    (``workers/demo``); ``tiny-sd1`` is a tiny random-weight SD1.x checkpoint written on
+    first use (its pictures are noise; it exercises the real loader and sampler).
     """
     registry = ModelRegistry(client, config.namespace)
     existing = registry.get(config.default_model)
     if existing is not None:
         return existing
+    from workers.demo import DEMO_MODEL_NAME, demo_checkpoint_path
+
+    if config.default_model == DEMO_MODEL_NAME:
+        path = demo_checkpoint_path()
+        if not path.exists():
+            raise FileNotFoundError(f"the demo model's checkpoint is missing: {path}")
+        return register_model(config, client, path, DEMO_MODEL_NAME)
     path = Path(config.data_dir) / "checkpoints" / f"{config.default_model}.safetensors"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from farm.redis_server import free_port
 
@@ -115,9 +116,13 @@ def test_farm_up_serves_submit_status_cancel_and_stops_on_ctrl_c(tmp_path: Path)
 
 def test_farm_demo_runs_a_job_end_to_end(tmp_path: Path) -> None:
     env = farm_env(tmp_path, ports=False)  # the demo picks free ports itself
-    out = farm(env, "demo", "--devices", "cpu:1", "--count", "8", timeout=500)
+    out = farm(env, "demo", "--devices", "cpu:1", "--count", "2", timeout=500)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "done: 16 done, 0 failed" in out.stdout
+    assert "done: 16 done, 0 failed" in out.stdout  # 8 prompts x 2 seeds
     pngs = list((tmp_path / "data" / "storage" / "demo").rglob("*.png"))
     assert len(pngs) == 16
     assert "16 images in" in out.stdout
+    sheet = tmp_path / "data" / "demo" / "contact-sheet.png"
+    assert f"contact sheet: {sheet}" in out.stdout
+    with Image.open(sheet) as im:
+        assert im.width > 2 * 64 and im.height > 8 * 64  # 2 seeds across, 8 prompts down
