@@ -41,6 +41,7 @@ class Config:
     scheduler_interval: float = 0.5  # longest wait between scheduler ticks
     worker_ttl: int = 30  # seconds a worker inventory entry lives without a heartbeat
     leader_ttl: float = 5.0  # seconds the scheduler leader's lease lasts without renewal
+    resend_after: float = 600.0  # a released task no worker claimed this long goes again
     aging_s: float = 60.0  # a job waiting this long without a release gains one priority
     default_load_s: float = 30.0  # model load estimate until a worker has measured one
     default_image_s: float = 2.0  # seconds per image estimate until measured

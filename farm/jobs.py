@@ -67,8 +67,9 @@ end
 return {done_d, failed_d, done, failed, state}
 """
 
-# KEYS: job, events, requeue, running   ARGV: task_no, worker, now, job_id, instance
+# KEYS: job, events, requeue, running, pending   ARGV: task_no, worker, now, job_id, instance
 _CLAIM = """
+redis.call('ZREM', KEYS[5], ARGV[1])
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'paused' then
   -- give the task back: it is released again on resume
@@ -108,8 +109,9 @@ end
 return -1
 """
 
-# KEYS: job, requeue   ARGV: n, cursor_limit, now
+# KEYS: job, requeue, pending   ARGV: n, cursor_limit, now
 # Tasks given back (pause) or to retry come first, then the cursor (up to cursor_limit).
+# Each released task waits in ``pending`` (by release time) until a worker claims it.
 _RELEASE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return {} end
@@ -124,6 +126,7 @@ while #out < n and cur < limit do
   cur = cur + 1
 end
 redis.call('HSET', KEYS[1], 'cursor', cur)
+for _, t in ipairs(out) do redis.call('ZADD', KEYS[3], ARGV[3], t) end
 if #out > 0 then
   redis.call('HINCRBY', KEYS[1], 'inflight', #out)
   redis.call('HSET', KEYS[1], 'last_release', ARGV[3])
@@ -386,7 +389,11 @@ class Ledger:
         """Reserve up to ``n`` tasks of a runnable job: first those given back (pause)
         or to retry, then the next ones by number, not past ``cursor_limit``."""
         out = self._release(
-            keys=[self.job_key(job_id), self.job_key(job_id, "requeue")],
+            keys=[
+                self.job_key(job_id),
+                self.job_key(job_id, "requeue"),
+                self.job_key(job_id, "pending"),
+            ],
             args=[n, 2**62 if cursor_limit is None else cursor_limit, time.time()],
         )
         return [int(t) for t in out]
@@ -402,6 +409,7 @@ class Ledger:
                 self.events_key,
                 self.job_key(job_id, "requeue"),
                 self.running_key,
+                self.job_key(job_id, "pending"),
             ],
             args=[task_no, worker, time.time(), job_id, instance or worker],
         )
@@ -420,6 +428,16 @@ class Ledger:
             args=[task_no, job_id],
         )
         return int(res) >= 0
+
+    def stale_releases(self, job_id: str, older_than: float, now: float) -> list[int]:
+        """Tasks released before ``older_than`` seconds ago that no worker has claimed:
+        a scheduler died between releasing and sending them, or the message was lost.
+        Their release time is renewed, as they are about to be sent again."""
+        key = self.job_key(job_id, "pending")
+        stale = [int(t) for t in self.r.zrangebyscore(key, "-inf", now - older_than)]
+        if stale:
+            self.r.zadd(key, {str(t): now for t in stale}, xx=True)
+        return stale
 
     def running(self) -> dict[str, list[tuple[str, int]]]:
         """Claimed, unfinished tasks by worker instance."""

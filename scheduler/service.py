@@ -110,8 +110,19 @@ class Scheduler:
         inventories = self.workers.live()
         self.recover(running, inventories)
         jobs = [j for j in self.ledger.active() if j.state in RUNNABLE]
+        self.resend_stale(jobs, now)
         holders = self.place(inventories, jobs, now)
         return self.release(jobs, holders, now)
+
+    def resend_stale(self, jobs: list[JobRecord], now: float) -> None:
+        """Send again the tasks released long ago and never claimed (a scheduler that
+        died between release and send, a message lost by the broker)."""
+        for job in jobs:
+            for task_no in self.ledger.stale_releases(job.id, self.config.resend_after, now):
+                model = job.plan.cell_settings(job.plan.task(task_no).cell)["model"]
+                self._send(job, task_no, model)
+                self.recovered += 1
+                log.warning("task %s/%s was never claimed; sent again", job.id, task_no)
 
     def recover(self, running: dict[str, list[tuple[str, int]]], inventories: list[dict]) -> None:
         live = {w.get("instance", w["name"]) for w in inventories}

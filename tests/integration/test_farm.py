@@ -202,3 +202,24 @@ def test_worker_answers_and_heartbeats_during_a_render_and_keeps_its_model(farm:
     inv = farm.inventories()
     assert inv[name]["loads"] == 1 and inv[name]["tasks"] > 1
     assert all(w["loads"] <= 1 for w in inv.values())
+
+
+def test_tasks_released_but_never_sent_go_out_again(farm: Cluster) -> None:
+    from dataclasses import replace
+
+    farm.sched_enabled.clear()
+    original = farm.scheduler.config
+    try:
+        job_id = submit(farm, prompt="a lost message", count=4, seed=11, batch_size=2)
+        # a scheduler that dies right after reserving tasks, before sending them
+        assert farm.ledger.release(job_id, 2) == [0, 1]
+        farm.scheduler.config = replace(original, resend_after=1.0)
+        time.sleep(1.2)
+        farm.sched_enabled.set()
+        job = farm.wait(job_id, timeout=120)
+        assert (job.state, job.done, job.failed) == ("done", 4, 0)
+        resent = farm.scheduler.recovered
+        assert resent >= 2
+    finally:
+        farm.scheduler.config = original
+        farm.sched_enabled.set()
