@@ -475,6 +475,14 @@ class Ledger:
     def is_done(self, job_id: str, index: int) -> bool:
         return bool(self.r.getbit(self.job_key(job_id, "done"), index))
 
+    def done_flags(self, job_id: str, indices: range) -> list[bool]:
+        """Done bits of a range of images in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        key = self.job_key(job_id, "done")
+        for i in indices:
+            pipe.getbit(key, i)
+        return [bool(b) for b in pipe.execute()]
+
     def done_indices(self, job_id: str, offset: int = 0, limit: int = 100) -> list[int]:
         """Indices of stored images, in order, skipping the first ``offset`` of them."""
         job = self.get(job_id)

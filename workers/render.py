@@ -40,7 +40,9 @@ def run_render(rt: Runtime, msg: RenderMessage) -> dict[str, Any]:
         # cancelled/finished job: the task is consumed without rendering
         rt.ledger.finish_task(msg.job_id, msg.task_no)
         return {"job": msg.job_id, "task": msg.task_no, "skipped": state}
-    todo = [plan.image(i) for i in range(task.start, task.end) if not rt.ledger.is_done(job.id, i)]
+    span = range(task.start, task.end)
+    done = rt.ledger.done_flags(job.id, span)
+    todo = [plan.image(i) for i, d in zip(span, done, strict=True) if not d]
     rt.current_task = f"{job.id}/{msg.task_no}"
     try:
         if todo:
@@ -73,8 +75,8 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
             time.perf_counter() - t0,
             len(images),
         )
-        entry = rt.models.get(first.model)
-        model_hash = entry.sha256[:10] if entry and entry.sha256 else None
+        sha = rt.engine_model[1] if rt.engine_model else ""
+        model_hash = sha[:10] or None
         for p, picture in zip(images, pictures, strict=True):
             text = format_parameters(
                 prompt=p.prompt,
