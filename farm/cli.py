@@ -23,16 +23,23 @@ from redis.exceptions import RedisError
 from farm.client import ApiError, FarmClient
 from farm.config import Config, load
 
-DEMO_PROMPTS = [
-    "a red circle on a blue background",
-    "a yellow triangle on a purple background",
-    "a white square on a black background",
-    "a green circle on an orange background",
-    "a large blue triangle on a white background",
-    "a small orange square on a green background",
-    "a purple circle on a yellow background, left",
-    "a black triangle on a red background, top",
+# (foreground, shape, background, size, position) in the demo model's caption grammar
+DEMO_SCENES = [
+    ("red", "circle", "blue", None, None),
+    ("yellow", "triangle", "purple", None, None),
+    ("white", "square", "black", None, None),
+    ("green", "circle", "orange", None, None),
+    ("blue", "triangle", "white", "large", None),
+    ("orange", "square", "green", "small", None),
+    ("purple", "circle", "yellow", None, "left"),
+    ("black", "triangle", "red", None, "top"),
 ]
+
+
+def demo_prompts() -> list[str]:
+    from workers.demo.dataset import caption
+
+    return [caption(fg, shape, bg, size, pos) for fg, shape, bg, size, pos in DEMO_SCENES]
 
 
 def _api_url(config: Config) -> str:
@@ -277,7 +284,7 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 
     spec: dict[str, Any] = {
         "model": config.default_model,
-        "prompt": DEMO_PROMPTS,
+        "prompt": demo_prompts(),
         "count": args.count,
         "seed": 1,
         "width": 64,
