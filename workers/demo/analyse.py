@@ -75,8 +75,7 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
-def _template_iou(coverage: np.ndarray, area: float, cx: float, cy: float
-                  ) -> dict[str, float]:
+def _template_iou(coverage: np.ndarray, area: float, cx: float, cy: float) -> dict[str, float]:
     """Best soft IoU of each shape of the given area and centre over the coverage map."""
     h, w = coverage.shape
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -105,11 +104,12 @@ def _template_iou(coverage: np.ndarray, area: float, cx: float, cy: float
 
 def analyse(image: Image.Image | np.ndarray) -> Analysis:
     """Background, foreground, shape, area and centre of one demo picture."""
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image,
-                     dtype=np.float32)
+    rgb = np.asarray(
+        image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32
+    )
     h, w, _ = rgb.shape
     ring = np.ones((h, w), dtype=bool)
-    ring[BORDER:h - BORDER, BORDER:w - BORDER] = False
+    ring[BORDER : h - BORDER, BORDER : w - BORDER] = False
     border_labels = nearest_palette(rgb[ring])
     bg_idx = int(np.bincount(border_labels, minlength=len(_NAMES)).argmax())
     bg_rgb = np.median(rgb[ring][border_labels == bg_idx], axis=0)
@@ -117,8 +117,7 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
     dist_bg = np.sqrt(((rgb - bg_rgb) ** 2).sum(-1))
     candidates = dist_bg > MIN_CONTRAST
     labels = nearest_palette(rgb)
-    votes = np.bincount(labels[candidates], weights=dist_bg[candidates],
-                        minlength=len(_NAMES))
+    votes = np.bincount(labels[candidates], weights=dist_bg[candidates], minlength=len(_NAMES))
     votes[bg_idx] = 0.0
     if not candidates.any() or votes.max() <= 0:
         return Analysis(_NAMES[bg_idx], None, None, 0.0, w / 2, h / 2, 0.0)

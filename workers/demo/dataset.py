@@ -50,18 +50,26 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 POSITION_PHRASES: dict[str, str] = {
-    "left": "on the left", "right": "on the right", "top": "at the top",
-    "bottom": "at the bottom", "center": "in the center",
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
 }
 # equivalent radius in pixels (at IMAGE_SIZE)
 SIZE_RANGES: dict[str | None, tuple[float, float]] = {
-    "small": (6.5, 9.0), "large": (13.0, 16.0), None: (6.5, 16.0),
+    "small": (6.5, 9.0),
+    "large": (13.0, 16.0),
+    None: (6.5, 16.0),
 }
 # allowed centre box (x0, x1, y0, y1) as fractions of the side; y grows downwards
 POSITION_BOXES: dict[str | None, tuple[float, float, float, float]] = {
-    "left": (0.0, 0.4, 0.0, 1.0), "right": (0.6, 1.0, 0.0, 1.0),
-    "top": (0.0, 1.0, 0.0, 0.4), "bottom": (0.0, 1.0, 0.6, 1.0),
-    "center": (0.4, 0.6, 0.4, 0.6), None: (0.0, 1.0, 0.0, 1.0),
+    "left": (0.0, 0.4, 0.0, 1.0),
+    "right": (0.6, 1.0, 0.0, 1.0),
+    "top": (0.0, 1.0, 0.0, 0.4),
+    "bottom": (0.0, 1.0, 0.6, 1.0),
+    "center": (0.4, 0.6, 0.4, 0.6),
+    None: (0.0, 1.0, 0.0, 1.0),
 }
 # circumradius / equivalent radius of each polygon (equal areas)
 CIRCUMRADIUS: dict[str, float] = {
@@ -95,8 +103,9 @@ class ShapeSpec:
         return math.pi * self.radius**2
 
 
-def caption(fg: str, shape: str, bg: str, size: str | None = None,
-            position: str | None = None) -> str:
+def caption(
+    fg: str, shape: str, bg: str, size: str | None = None, position: str | None = None
+) -> str:
     """The one caption grammar (see the module docstring)."""
     if fg not in PALETTE or bg not in PALETTE:
         raise ValueError(f"colours must be among {', '.join(COLORS)}: {fg!r}, {bg!r}")
@@ -114,13 +123,19 @@ def caption(fg: str, shape: str, bg: str, size: str | None = None,
     return " ".join(words + ["on a", bg, "background"])
 
 
-def vertices(shape: str, radius: float, cx: float, cy: float, angle: float
-             ) -> list[tuple[float, float]]:
+def vertices(
+    shape: str, radius: float, cx: float, cy: float, angle: float
+) -> list[tuple[float, float]]:
     """Polygon vertices (square/triangle) of a shape of equivalent radius ``radius``."""
     n = N_VERTICES[shape]
     big_r = radius * CIRCUMRADIUS[shape]
-    return [(cx + big_r * math.cos(angle + 2 * math.pi * k / n),
-             cy + big_r * math.sin(angle + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (
+            cx + big_r * math.cos(angle + 2 * math.pi * k / n),
+            cy + big_r * math.sin(angle + 2 * math.pi * k / n),
+        )
+        for k in range(n)
+    ]
 
 
 def extent(shape: str, radius: float, angle: float) -> tuple[float, float]:
@@ -131,10 +146,17 @@ def extent(shape: str, radius: float, angle: float) -> tuple[float, float]:
     return max(abs(x) for x, _ in pts), max(abs(y) for _, y in pts)
 
 
-def sample_spec(rng: random.Random, size: str | None = None, position: str | None = None,
-                fg: str | None = None, bg: str | None = None, shape: str | None = None,
-                p_size: float = 2 / 3, p_position: float = 0.5,
-                size_px: int = IMAGE_SIZE) -> ShapeSpec:
+def sample_spec(
+    rng: random.Random,
+    size: str | None = None,
+    position: str | None = None,
+    fg: str | None = None,
+    bg: str | None = None,
+    shape: str | None = None,
+    p_size: float = 2 / 3,
+    p_position: float = 0.5,
+    size_px: int = IMAGE_SIZE,
+) -> ShapeSpec:
     """A random picture; fixed fields are kept, the others drawn. Without an explicit
     ``size``/``position`` a size word is used with probability ``p_size`` (small or
     large alike) and a position word with probability ``p_position``."""
@@ -156,8 +178,7 @@ def sample_spec(rng: random.Random, size: str | None = None, position: str | Non
     return ShapeSpec(fg, bg, shape, size, position, radius, cx, cy, angle)
 
 
-def _uniform_in(rng: random.Random, lo: float, hi: float, fit_lo: float, fit_hi: float
-                ) -> float:
+def _uniform_in(rng: random.Random, lo: float, hi: float, fit_lo: float, fit_hi: float) -> float:
     """Uniform in [lo, hi] intersected with [fit_lo, fit_hi]; if they miss each other, the
     end of the box nearest to where it fits (the position word wins over a clipped edge)."""
     a, b = max(lo, fit_lo), min(hi, fit_hi)
@@ -178,14 +199,16 @@ def render(spec: ShapeSpec, size_px: int = IMAGE_SIZE) -> Image.Image:
         cx, cy = spec.cx * s - 0.5, spec.cy * s - 0.5
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     else:
-        pts = vertices(spec.shape, spec.radius * s, spec.cx * s - 0.5, spec.cy * s - 0.5,
-                       spec.angle)
+        pts = vertices(
+            spec.shape, spec.radius * s, spec.cx * s - 0.5, spec.cy * s - 0.5, spec.angle
+        )
         draw.polygon(pts, fill=colour)
     return big.resize((size_px, size_px), Image.Resampling.BOX)
 
 
-def make_dataset(n: int, seed: int, size_px: int = IMAGE_SIZE
-                 ) -> tuple[np.ndarray, list[ShapeSpec]]:
+def make_dataset(
+    n: int, seed: int, size_px: int = IMAGE_SIZE
+) -> tuple[np.ndarray, list[ShapeSpec]]:
     """``n`` pictures as a uint8 array (n, size, size, 3) and their specs; deterministic."""
     rng = random.Random(seed)
     specs = [sample_spec(rng, size_px=size_px) for _ in range(n)]
@@ -195,6 +218,12 @@ def make_dataset(n: int, seed: int, size_px: int = IMAGE_SIZE
 
 def all_captions() -> list[str]:
     """Every caption the grammar produces (8*7*3*3*6 = 3,024)."""
-    return [caption(fg, shape, bg, size, pos)
-            for fg in COLORS for bg in COLORS if bg != fg for shape in SHAPES
-            for size in (None, *SIZES) for pos in (None, *POSITIONS)]
+    return [
+        caption(fg, shape, bg, size, pos)
+        for fg in COLORS
+        for bg in COLORS
+        if bg != fg
+        for shape in SHAPES
+        for size in (None, *SIZES)
+        for pos in (None, *POSITIONS)
+    ]

@@ -15,22 +15,36 @@ IMAGE_SIZE = 64
 LATENT_CHANNELS = 4
 
 VAE_CONFIG: dict[str, Any] = {
-    "sample_size": IMAGE_SIZE, "in_channels": 3, "out_channels": 3,
-    "latent_channels": LATENT_CHANNELS, "block_out_channels": [32, 64, 64],
-    "layers_per_block": 1, "norm_num_groups": 16, "act_fn": "silu",
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": LATENT_CHANNELS,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "act_fn": "silu",
     "down_block_types": ["DownEncoderBlock2D"] * 3,
     "up_block_types": ["UpDecoderBlock2D"] * 3,
     "scaling_factor": 1.0,  # set from the trained encoder's latent spread
 }
 TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
-    "num_hidden_layers": 3, "vocab_size": 49408, "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu", "projection_dim": 128,
-    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 3,
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 128,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
 }
 UNET_CONFIG: dict[str, Any] = {
-    "sample_size": IMAGE_SIZE // 4, "in_channels": LATENT_CHANNELS,
-    "out_channels": LATENT_CHANNELS, "layers_per_block": 2,
+    "sample_size": IMAGE_SIZE // 4,
+    "in_channels": LATENT_CHANNELS,
+    "out_channels": LATENT_CHANNELS,
+    "layers_per_block": 2,
     "block_out_channels": [64, 96, 96],
     # attention at 8x8 and 4x4 only (at 16x16 it costs 3/4 of a CPU training step); block 1
     # has cross-attention, so the loader finds input_blocks.4.1...attn2 as in SD1
@@ -43,20 +57,39 @@ UNET_CONFIG: dict[str, Any] = {
 }
 # Stable Diffusion's training noise schedule, written into the checkpoint's metadata
 SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "clip_sample": False,
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
 }
 
 SMOKE_VAE_CONFIG: dict[str, Any] = {
-    **VAE_CONFIG, "block_out_channels": [16, 32, 32], "norm_num_groups": 8}
+    **VAE_CONFIG,
+    "block_out_channels": [16, 32, 32],
+    "norm_num_groups": 8,
+}
 SMOKE_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    **TEXT_ENCODER_CONFIG, "hidden_size": 32, "intermediate_size": 64,
-    "num_attention_heads": 2, "num_hidden_layers": 1, "projection_dim": 32}
+    **TEXT_ENCODER_CONFIG,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 1,
+    "projection_dim": 32,
+}
 SMOKE_UNET_CONFIG: dict[str, Any] = {
-    **UNET_CONFIG, "layers_per_block": 2, "block_out_channels": [32, 32, 32],
-    "cross_attention_dim": 32, "attention_head_dim": [1, 1, 1], "norm_num_groups": 8}
+    **UNET_CONFIG,
+    "layers_per_block": 2,
+    "block_out_channels": [32, 32, 32],
+    "cross_attention_dim": 32,
+    "attention_head_dim": [1, 1, 1],
+    "norm_num_groups": 8,
+}
 
 # what the demo renders with unless told otherwise
 DEFAULT_SAMPLER = "DPM++ 2M"
@@ -64,8 +97,9 @@ DEFAULT_STEPS = 20
 DEFAULT_CFG_SCALE = 5.0
 
 
-def build_modules(vae_config: dict[str, Any], unet_config: dict[str, Any],
-                  text_encoder_config: dict[str, Any]) -> tuple[Any, Any, Any]:
+def build_modules(
+    vae_config: dict[str, Any], unet_config: dict[str, Any], text_encoder_config: dict[str, Any]
+) -> tuple[Any, Any, Any]:
     """(vae, unet, text_encoder) with fresh weights from the current torch RNG."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
