@@ -30,7 +30,7 @@ class Config:
     storage_url: str = field(default_factory=lambda: "file://" + str(_data_dir() / "storage"))
     model_cache: str = field(default_factory=lambda: str(_data_dir() / "models"))
     output_prefix: str = "renders"
-    default_model: str = "tiny-sd1"
+    default_model: str = "demo-shapes"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     flower_port: int = 5555

@@ -79,7 +79,7 @@ def test_farm_up_serves_submit_status_cancel_and_stops_on_ctrl_c(tmp_path: Path)
         listing = farm(env, "status")
         assert job_id in listing.stdout and "done" in listing.stdout
         models = farm(env, "models", "list")
-        assert "tiny-sd1" in models.stdout and "synthetic" in models.stdout
+        assert "demo-shapes" in models.stdout and "synthetic" in models.stdout
 
         big = farm(env, "submit", "--model", "synthetic", "--prompt", "x", "--count", "100000")
         big_id = big.stdout.split()[1].rstrip(":")

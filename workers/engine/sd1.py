@@ -115,6 +115,45 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> SD1
     )
 
 
+class ContextKVCache:
+    """Cross-attention processor that projects the text context to keys and values once per
+    render instead of once per sampling step: the context is the same tensor at every step,
+    so the result is identical and each step skips two matmuls per cross-attention layer.
+    Anything unusual (masks, norms, 4-D input, a new context) takes diffusers' own path."""
+
+    def __init__(self) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.fallback = AttnProcessor2_0()
+        self.context: Tensor | None = None
+        self.kv: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, attn: Any, hidden_states: Tensor,
+                 encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> Tensor:
+        if (encoder_hidden_states is None or attention_mask is not None or args or kwargs
+                or hidden_states.ndim != 3 or attn.spatial_norm is not None
+                or attn.group_norm is not None or attn.norm_cross or attn.norm_q is not None
+                or attn.norm_k is not None or attn.residual_connection):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, *args, **kwargs)
+        batch, heads = hidden_states.shape[0], attn.heads
+        if self.context is not encoder_hidden_states or self.kv is None:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+            head_dim = key.shape[-1] // heads
+            self.kv = (key.view(batch, -1, heads, head_dim).transpose(1, 2),
+                       value.view(batch, -1, heads, head_dim).transpose(1, 2))
+            self.context = encoder_hidden_states
+        key, value = self.kv
+        query = attn.to_q(hidden_states)
+        query = query.view(batch, -1, heads, key.shape[-1]).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * key.shape[-1]).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
 class SD1Engine:
     """Renders batches on one SD1.x model. ``quantize=True`` feeds the UNet integer
     timesteps (A1111's "Enable quantization in K samplers"); off by default as in A1111."""
@@ -137,6 +176,9 @@ class SD1Engine:
         self.quantize = quantize
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = self.unet.config.in_channels
+        self.unet.set_attn_processor({name: ContextKVCache() if name.endswith("attn2.processor")
+                                      else proc for name, proc in
+                                      self.unet.attn_processors.items()})
 
     @classmethod
     def from_single_file(cls, path: str | Path, device: str = "cpu",
@@ -168,12 +210,16 @@ class SD1Engine:
 
     def _denoiser(self, cond: Tensor | None, uncond: Tensor | None,
                   cfg_scale: float) -> DiscreteEpsDenoiser:
+        # one context tensor for the whole render: the UNet's cross-attention layers
+        # (ContextKVCache) project it to keys and values once, not at every step
+        context = cond if uncond is None else torch.cat([uncond, cond])
+
         def eps(x: Tensor, t: Tensor) -> Tensor:
             t = t.to(self.device)
             if uncond is None:
-                return self.unet(x.to(self.dtype), t, encoder_hidden_states=cond).sample.float()
+                return self.unet(x.to(self.dtype), t, encoder_hidden_states=context).sample.float()
             out = self.unet(torch.cat([x, x]).to(self.dtype), t,
-                            encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+                            encoder_hidden_states=context).sample.float()
             e_uncond, e_cond = out.chunk(2)
             return e_uncond + cfg_scale * (e_cond - e_uncond)
 

@@ -1,0 +1,196 @@
+"""Measure the demo model through the engine with the analyser: colour and shape accuracy,
+size and position words, guidance. Shared by the quality test and the model card.
+
+    python -m workers.demo.evaluate [--checkpoint PATH] [--cfg 5] [--steps 20] [--sheet OUT.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from workers.demo.analyse import Analysis, analyse
+from workers.demo.dataset import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, caption
+from workers.demo.model import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
+
+SEEDS = (0, 1, 2, 3)
+
+
+def quality_cases() -> list[tuple[str, str, str]]:
+    """24 (fg, shape, bg): every colour 3 times as foreground and 3 times as background,
+    every (colour, shape) pair once, foreground never the background."""
+    n = len(COLORS)
+    cases = []
+    for i in range(3 * n):
+        fg = COLORS[i % n]
+        bg = COLORS[(i + 1 + i // n) % n]
+        cases.append((fg, SHAPES[i % len(SHAPES)], bg))
+    return cases
+
+
+def size_cases() -> list[tuple[str, str, str]]:
+    return quality_cases()[::2]  # 12
+
+
+def position_cases() -> list[tuple[str, str, str, str]]:
+    """(fg, shape, bg, position): 8 per position word, over varied colours and shapes."""
+    cases = quality_cases()
+    return [
+        (*cases[(8 * j + k) % len(cases)], pos) for j, pos in enumerate(POSITIONS) for k in range(8)
+    ]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    prompt: str
+    seed: int
+    image: Image.Image
+    analysis: Analysis
+
+
+def render_prompts(
+    engine: Any,
+    items: Sequence[tuple[str, int]],
+    cfg_scale: float,
+    steps: int = DEFAULT_STEPS,
+    batch_size: int = 8,
+) -> list[Rendered]:
+    """Render (prompt, seed) pairs through the engine in batches and analyse each picture."""
+    from workers.engine.base import BatchRequest, ImageRequest
+
+    out: list[Rendered] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = BatchRequest(
+            tuple(ImageRequest(p, "", s) for p, s in chunk),
+            IMAGE_SIZE,
+            IMAGE_SIZE,
+            steps,
+            cfg_scale,
+            DEFAULT_SAMPLER,
+            "Automatic",
+        )
+        for (prompt, seed), image in zip(chunk, engine.render(batch), strict=True):
+            out.append(Rendered(prompt, seed, image, analyse(image)))
+    return out
+
+
+def colour_shape_accuracy(
+    engine: Any, cfg_scale: float, steps: int = DEFAULT_STEPS
+) -> tuple[dict[str, float], list[Rendered]]:
+    """Share of pictures whose foreground, background and shape the analyser reads right."""
+    cases = quality_cases()
+    items = [(caption(fg, shape, bg), seed) for fg, shape, bg in cases for seed in SEEDS]
+    rendered = render_prompts(engine, items, cfg_scale, steps)
+    truth = [case for case in cases for _ in SEEDS]
+    n = len(rendered)
+    acc = {
+        "fg": sum(r.analysis.fg == t[0] for r, t in zip(rendered, truth, strict=True)) / n,
+        "shape": sum(r.analysis.shape == t[1] for r, t in zip(rendered, truth, strict=True)) / n,
+        "bg": sum(r.analysis.bg == t[2] for r, t in zip(rendered, truth, strict=True)) / n,
+    }
+    return acc, rendered
+
+
+def size_report(
+    engine: Any, cfg_scale: float, steps: int = DEFAULT_STEPS
+) -> tuple[dict[str, float], list[Rendered]]:
+    """Median area (px) of "small" and "large" shapes and the ratio large / small."""
+    items = [
+        (caption(fg, shape, bg, size), seed)
+        for size in ("small", "large")
+        for fg, shape, bg in size_cases()
+        for seed in SEEDS[:2]
+    ]
+    rendered = render_prompts(engine, items, cfg_scale, steps)
+    half = len(rendered) // 2
+    small = statistics.median(r.analysis.area for r in rendered[:half])
+    large = statistics.median(r.analysis.area for r in rendered[half:])
+    return {
+        "small_median_px": small,
+        "large_median_px": large,
+        "large_over_small": large / max(small, 1e-6),
+    }, rendered
+
+
+def in_named_half(a: Analysis, position: str, size: int = IMAGE_SIZE) -> bool:
+    """The centre lies in the half the word names ("center": the middle half both ways)."""
+    half = size / 2
+    return {
+        "left": a.cx < half,
+        "right": a.cx > half,
+        "top": a.cy < half,
+        "bottom": a.cy > half,
+        "center": abs(a.cx - half) < size / 4 and abs(a.cy - half) < size / 4,
+    }[position]
+
+
+def position_report(
+    engine: Any, cfg_scale: float, steps: int = DEFAULT_STEPS
+) -> tuple[dict[str, float], list[Rendered]]:
+    cases = position_cases()
+    items = [(caption(fg, shape, bg, None, pos), 0) for fg, shape, bg, pos in cases]
+    rendered = render_prompts(engine, items, cfg_scale, steps)
+    hits = {pos: [] for pos in POSITIONS}  # type: dict[str, list[bool]]
+    for r, (*_, pos) in zip(rendered, cases, strict=True):
+        hits[pos].append(in_named_half(r.analysis, pos))
+    report = {f"{pos}": sum(v) / len(v) for pos, v in hits.items()}
+    report["all"] = sum(sum(v) for v in hits.values()) / len(rendered)
+    return report, rendered
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from workers.demo import demo_checkpoint_path
+    from workers.demo.contact_sheet import make_contact_sheet
+    from workers.engine.loader import load_engine
+
+    parser = argparse.ArgumentParser(description="measure the demo model")
+    parser.add_argument("--checkpoint", type=Path, default=demo_checkpoint_path())
+    parser.add_argument(
+        "--cfg",
+        type=float,
+        action="append",
+        help=f"guidance scale(s) to measure (default {DEFAULT_CFG_SCALE}, 1)",
+    )
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--sheet", type=Path, help="write a contact sheet of the renders")
+    parser.add_argument("--skip-words", action="store_true")
+    args = parser.parse_args(argv)
+    engine = load_engine(args.checkpoint)
+    scales = args.cfg or [DEFAULT_CFG_SCALE, 1.0]
+    for k, cfg in enumerate(scales):
+        t = time.perf_counter()
+        acc, rendered = colour_shape_accuracy(engine, cfg, args.steps)
+        print(
+            f"cfg {cfg:g}, {args.steps} steps: fg {acc['fg']:.1%} bg {acc['bg']:.1%} "
+            f"shape {acc['shape']:.1%} ({len(rendered)} images, "
+            f"{time.perf_counter() - t:.0f}s)",
+            flush=True,
+        )
+        if args.sheet and k == 0:
+            make_contact_sheet(
+                [r.image for r in rendered],
+                8,
+                [r.prompt.removeprefix("a ").removesuffix(" background") for r in rendered],
+            ).save(args.sheet)
+    if not args.skip_words:
+        sizes, _ = size_report(engine, scales[0], args.steps)
+        print("size words:", {k: round(v, 2) for k, v in sizes.items()}, flush=True)
+        positions, _ = position_report(engine, scales[0], args.steps)
+        print("position words:", {k: round(v, 3) for k, v in positions.items()}, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
