@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -492,19 +493,12 @@ class Ledger:
         key = self.job_key(job_id, "done")
         for base in range(0, job.total, chunk):
             data = self.r.getrange(key, base // 8, (base + chunk) // 8 - 1)
-            for byte_i, byte in enumerate(data):
-                if not byte:
-                    continue
-                for bit in range(8):
-                    if byte & (0x80 >> bit):
-                        idx = base + byte_i * 8 + bit
-                        if idx >= job.total:
-                            break
-                        if seen >= offset:
-                            out.append(idx)
-                            if len(out) >= limit:
-                                return out
-                        seen += 1
+            for idx in _set_bits(data, base, job.total):
+                if seen >= offset:
+                    out.append(idx)
+                    if len(out) >= limit:
+                        return out
+                seen += 1
         return out
 
     # controls
@@ -544,10 +538,6 @@ class Ledger:
             approximate=True,
         )
         self.wake()
-
-    def failed_indices(self, job_id: str) -> list[int]:
-        job = self.get(job_id)
-        return _bits(self.r, self.job_key(job_id, "failed"), job.total)
 
     def retry_failed(self, job_id: str) -> tuple[str, int]:
         """Render the failed images again: (state, number of images to retry)."""
@@ -614,19 +604,18 @@ def _record(h: dict[Any, Any], requeued: int = 0) -> JobRecord:
     )
 
 
-def _bits(r: redis.Redis, key: str, total: int) -> list[int]:
-    """Indices of the set bits of a bitmap below ``total``."""
-    out: list[int] = []
-    data = r.get(key) or b""
+def _set_bits(data: bytes, base: int, total: int) -> Iterator[int]:
+    """Indices (from ``base``) of the set bits of bitmap bytes, in order, below ``total``."""
     for byte_i, byte in enumerate(data):
         if byte:
             for bit in range(8):
                 if byte & (0x80 >> bit):
-                    idx = byte_i * 8 + bit
-                    if idx < total:
-                        out.append(idx)
-    return out
+                    idx = base + byte_i * 8 + bit
+                    if idx >= total:
+                        return
+                    yield idx
 
 
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+def _bits(r: redis.Redis, key: str, total: int) -> list[int]:
+    """Indices of the set bits of a bitmap below ``total``."""
+    return list(_set_bits(r.get(key) or b"", 0, total))
