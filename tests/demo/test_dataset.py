@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from workers.demo.analyse import analyse
+from workers.demo.analyse import analyse, colour_error
 from workers.demo.dataset import (
     COLORS,
     IMAGE_SIZE,
@@ -149,3 +149,14 @@ def test_analyser_not_fooled_by_rotation_rounding_blur_or_noise() -> None:
 def test_analyser_on_a_plain_picture() -> None:
     r = analyse(Image.new("RGB", (64, 64), PALETTE["green"]))
     assert r.bg == "green" and r.fg is None and r.shape is None
+
+
+def test_colour_error_is_small_on_drawings_and_large_for_other_colours() -> None:
+    images, specs = make_dataset(40, seed=5)
+    for image, spec in zip(images, specs, strict=True):
+        a = analyse(image)
+        assert colour_error(a, spec.fg, spec.bg) < 3.0, spec
+        other = next(c for c in COLORS if c not in (spec.fg, spec.bg))
+        assert colour_error(a, other, spec.bg) > 40.0, spec
+    plain = analyse(Image.new("RGB", (64, 64), PALETTE["green"]))
+    assert colour_error(plain, "green", "green") < 1.0  # no shape: read as the background

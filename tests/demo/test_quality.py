@@ -11,9 +11,12 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from workers.demo import demo_checkpoint_path  # noqa: E402
+from workers.demo.analyse import colour_error  # noqa: E402
 from workers.demo.evaluate import (  # noqa: E402
+    SEEDS,
     colour_shape_accuracy,
     position_report,
+    quality_cases,
     size_report,
 )
 from workers.demo.model import DEFAULT_CFG_SCALE  # noqa: E402
@@ -30,8 +33,8 @@ def engine() -> Any:
 
 
 @pytest.fixture(scope="module")
-def default_accuracy(engine: Any) -> dict[str, float]:
-    return colour_shape_accuracy(engine, DEFAULT_CFG_SCALE)[0]
+def default_run(engine: Any) -> tuple[dict[str, float], list[Any]]:
+    return colour_shape_accuracy(engine, DEFAULT_CFG_SCALE)
 
 
 def _show(capsys: pytest.CaptureFixture[str], line: str) -> None:
@@ -39,51 +42,54 @@ def _show(capsys: pytest.CaptureFixture[str], line: str) -> None:
         print(f"\n{line}", flush=True)
 
 
-# The issue's acceptance targets, and floors at the level the committed checkpoint measured
-# (MODEL_CARD.md) so that a regression in the engine, tokenizer or sampler still fails.
-# Targets the checkpoint does not reach yet are xfail tests that print their figures.
+def _all_right_and_colour_error(rendered: list[Any]) -> tuple[float, float]:
+    """Share of pictures right in all three, and the mean colour error (RGB units)."""
+    truth = [case for case in quality_cases() for _ in SEEDS]
+    pairs = list(zip(rendered, truth, strict=True))
+    right = sum(r.analysis.matches(fg, bg, shape) for r, (fg, shape, bg) in pairs)
+    error = sum(colour_error(r.analysis, fg, bg) for r, (fg, _, bg) in pairs)
+    return right / len(pairs), error / len(pairs)
+
+
+# The issue's acceptance targets (MODEL_CARD.md has the figures measured on the committed
+# checkpoint).
 TARGETS = {"fg": 0.95, "bg": 0.95, "shape": 0.85}
-FLOORS = {"fg": 0.65, "bg": 0.95, "shape": 0.0}
 POSITION_TARGET = 0.80
 
 
 def test_colours_and_shapes(
-    default_accuracy: dict[str, float], capsys: pytest.CaptureFixture[str]
+    default_run: tuple[dict[str, float], list[Any]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    acc = default_accuracy
+    acc = default_run[0]
     _show(
         capsys,
         f"demo model, 24 prompts x 4 seeds, cfg {DEFAULT_CFG_SCALE:g}: foreground "
         f"{acc['fg']:.1%}, background {acc['bg']:.1%}, shape {acc['shape']:.1%} "
         f"(targets {TARGETS['fg']:.0%}, {TARGETS['bg']:.0%}, {TARGETS['shape']:.0%})",
     )
-    for key, floor in FLOORS.items():
-        assert acc[key] >= floor, f"{key} accuracy {acc[key]:.1%} fell below {floor:.0%}"
-
-
-@pytest.mark.xfail(
-    reason="the committed checkpoint draws the asked background but not yet the asked "
-    "foreground colour (75%) or shape (30%) reliably: it needs more UNet training",
-    strict=False,
-)
-def test_colours_and_shapes_reach_the_targets(default_accuracy: dict[str, float]) -> None:
     for key, target in TARGETS.items():
-        assert default_accuracy[key] >= target, f"{key} {default_accuracy[key]:.1%}"
+        assert acc[key] >= target, f"{key} accuracy {acc[key]:.1%} is below {target:.0%}"
 
 
 def test_guidance_matters(
-    engine: Any, default_accuracy: dict[str, float], capsys: pytest.CaptureFixture[str]
+    engine: Any,
+    default_run: tuple[dict[str, float], list[Any]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    unguided = colour_shape_accuracy(engine, 1.0)[0]
-    colour = (default_accuracy["fg"] + default_accuracy["bg"]) / 2
-    colour_1 = (unguided["fg"] + unguided["bg"]) / 2
+    """The same prompts and seeds at cfg 1 (no guidance) against the default scale."""
+    acc, rendered = default_run
+    acc_1, rendered_1 = colour_shape_accuracy(engine, 1.0)
+    right, error = _all_right_and_colour_error(rendered)
+    right_1, error_1 = _all_right_and_colour_error(rendered_1)
     _show(
         capsys,
-        f"colour accuracy (fg, bg): cfg 1 {unguided['fg']:.1%}, {unguided['bg']:.1%}"
-        f"; cfg {DEFAULT_CFG_SCALE:g} {default_accuracy['fg']:.1%}, "
-        f"{default_accuracy['bg']:.1%}; shape cfg 1 {unguided['shape']:.1%}",
+        f"cfg 1 against cfg {DEFAULT_CFG_SCALE:g}: foreground colour right {acc_1['fg']:.1%} "
+        f"/ {acc['fg']:.1%}, background {acc_1['bg']:.1%} / {acc['bg']:.1%}, mean colour "
+        f"error {error_1:.1f} / {error:.1f} RGB units, shape {acc_1['shape']:.1%} / "
+        f"{acc['shape']:.1%}, all three right {right_1:.1%} / {right:.1%}",
     )
-    assert colour >= colour_1 + 0.05
+    assert error < error_1, "guidance should bring colours closer to the palette"
+    assert right >= right_1 + 0.05
 
 
 def test_size_words(engine: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,7 +103,8 @@ def test_size_words(engine: Any, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.xfail(
-    reason="position words are not learned yet by the committed checkpoint (45%)",
+    reason="position words are heard (test_every_word_kind_conditions_the_model) but the "
+    "committed checkpoint puts the shape in the named half in about half the pictures only",
     strict=False,
 )
 def test_position_words(engine: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,3 +113,21 @@ def test_position_words(engine: Any, capsys: pytest.CaptureFixture[str]) -> None
         capsys, "centre in the named half: " + ", ".join(f"{k} {v:.0%}" for k, v in report.items())
     )
     assert report["all"] >= POSITION_TARGET
+
+
+def test_every_word_kind_conditions_the_model(
+    engine: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Swapping any kind of word for another of its kind makes the UNet's noise prediction
+    worse: the model uses every part of the grammar (a model that learned colours only
+    shows no change for shape or position words)."""
+    from workers.demo.probe import probe
+
+    report = probe(engine, pictures=128)
+    _show(
+        capsys,
+        "denoising loss with one word swapped: "
+        + ", ".join(f"{k} {rise:+.0%} (t={t})" for k, (rise, t) in report.items()),
+    )
+    for kind, (rise, _) in report.items():
+        assert rise >= 0.05, f"swapping the {kind} word changes the loss by {rise:+.1%} only"

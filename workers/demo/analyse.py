@@ -41,6 +41,8 @@ class Analysis:
     cx: float  # centre in px, x to the right
     cy: float  # y downwards
     fit: float  # the winning template's soft IoU (1 = perfect)
+    bg_rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)  # median colour of the background
+    fg_rgb: tuple[float, float, float] | None = None  # median colour of the shape
 
     def matches(self, fg: str, bg: str, shape: str) -> bool:
         return self.fg == fg and self.bg == bg and self.shape == shape
@@ -120,7 +122,7 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
     votes = np.bincount(labels[candidates], weights=dist_bg[candidates], minlength=len(_NAMES))
     votes[bg_idx] = 0.0
     if not candidates.any() or votes.max() <= 0:
-        return Analysis(_NAMES[bg_idx], None, None, 0.0, w / 2, h / 2, 0.0)
+        return Analysis(_NAMES[bg_idx], None, None, 0.0, w / 2, h / 2, 0.0, _rgb(bg_rgb))
     fg_idx = int(votes.argmax())
     fg_pixels = rgb[candidates & (labels == fg_idx)]
     fg_rgb = np.median(fg_pixels, axis=0) if len(fg_pixels) else _RGB[fg_idx]
@@ -129,7 +131,9 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
     coverage = np.clip(((rgb - bg_rgb) @ axis) / max(float(axis @ axis), 1e-6), 0.0, 1.0)
     blob = _largest_blob(coverage > 0.5)
     if not blob.any():
-        return Analysis(_NAMES[bg_idx], _NAMES[fg_idx], None, 0.0, w / 2, h / 2, 0.0)
+        return Analysis(
+            _NAMES[bg_idx], _NAMES[fg_idx], None, 0.0, w / 2, h / 2, 0.0, _rgb(bg_rgb), _rgb(fg_rgb)
+        )
     # keep the blob and its soft rim (one pixel around it), drop specks elsewhere
     rim = blob.copy()
     rim[1:] |= blob[:-1]
@@ -143,4 +147,27 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
     cy = float((coverage * (ys + 0.5)).sum() / area)
     scores = _template_iou(coverage, area, cx, cy)
     shape = max(scores, key=scores.__getitem__)
-    return Analysis(_NAMES[bg_idx], _NAMES[fg_idx], shape, area, cx, cy, scores[shape])
+    return Analysis(
+        _NAMES[bg_idx],
+        _NAMES[fg_idx],
+        shape,
+        area,
+        cx,
+        cy,
+        scores[shape],
+        _rgb(bg_rgb),
+        _rgb(fg_rgb),
+    )
+
+
+def _rgb(v: np.ndarray) -> tuple[float, float, float]:
+    return (float(v[0]), float(v[1]), float(v[2]))
+
+
+def colour_error(a: Analysis, fg: str, bg: str) -> float:
+    """Mean RGB distance (0..441) of the measured shape and background colours from the
+    palette colours asked for; a missing shape counts as the background's colour."""
+    fg_rgb = np.array(a.fg_rgb if a.fg_rgb is not None else a.bg_rgb, dtype=np.float32)
+    d_fg = float(np.linalg.norm(fg_rgb - np.array(PALETTE[fg], dtype=np.float32)))
+    d_bg = float(np.linalg.norm(np.array(a.bg_rgb) - np.array(PALETTE[bg], dtype=np.float32)))
+    return (d_fg + d_bg) / 2
