@@ -217,6 +217,10 @@ def _serve_stack(args: argparse.Namespace, config: Config, job: dict[str, Any] |
     stack = Stack(config, devices=args.devices, flower=not args.no_flower)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C (SIGINT) stops the stack even where it was ignored at start: a shell without
+    # job control starts background commands (`farm up &`) with SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack.start()
         for what, where in stack.describe().items():
