@@ -35,7 +35,7 @@ from workers.demo import model as M
 from workers.demo.dataset import make_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# idle OpenMP threads sleep instead of spinning: same speed alone, far faster on a busy machine
+# idle OpenMP threads sleep instead of spinning at barriers (the same speed measured alone)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -70,8 +70,8 @@ class TrainConfig:
     text_encoder_lr_scale: float = 1.0
     ema_decay: float = 0.995
     warmup_steps: int = 100
-    # torch threads; OMP_WAIT_POLICY=PASSIVE (set above) keeps two threads from spinning
-    # at every barrier when the machine is shared (they ran 4-12x slower under load 16)
+    # torch threads. Spinning OpenMP threads ran 4-12x slower per step on a shared machine
+    # (load 16); OMP_WAIT_POLICY=PASSIVE, set above, makes them sleep instead
     threads: int = 1
 
 
