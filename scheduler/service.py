@@ -102,6 +102,7 @@ class Scheduler:
     # one round
     def tick(self, now: float | None = None) -> int:
         """One round if leader. Returns the number of tasks sent."""
+        was_leader = self.leader
         self.leader = self.lease.hold()
         if not self.leader:
             return 0
@@ -110,15 +111,18 @@ class Scheduler:
         inventories = self.workers.live()
         self.recover(running, inventories)
         jobs = [j for j in self.ledger.active() if j.state in RUNNABLE]
-        self.resend_stale(jobs, now)
+        # a new leader sends again every release not claimed yet: the one before may have
+        # died between releasing a task and sending it (a duplicate is harmless)
+        self.resend_stale(jobs, now, 0.0 if not was_leader else self.config.resend_after)
         holders = self.place(inventories, jobs, now)
         return self.release(jobs, holders, now)
 
-    def resend_stale(self, jobs: list[JobRecord], now: float) -> None:
-        """Send again the tasks released long ago and never claimed (a scheduler that
-        died between release and send, a message lost by the broker)."""
+    def resend_stale(self, jobs: list[JobRecord], now: float, older_than: float) -> None:
+        """Send again the tasks released more than ``older_than`` seconds ago and never
+        claimed (a scheduler that died between release and send, a message lost by the
+        broker)."""
         for job in jobs:
-            for task_no in self.ledger.stale_releases(job.id, self.config.resend_after, now):
+            for task_no in self.ledger.stale_releases(job.id, older_than, now):
                 model = job.plan.cell_settings(job.plan.task(task_no).cell)["model"]
                 self._send(job, task_no, model)
                 self.recovered += 1
