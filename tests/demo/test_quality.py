@@ -12,6 +12,7 @@ pytest.importorskip("diffusers")
 
 from workers.demo import demo_checkpoint_path  # noqa: E402
 from workers.demo.analyse import colour_error  # noqa: E402
+from workers.demo.dataset import POSITIONS  # noqa: E402
 from workers.demo.evaluate import (  # noqa: E402
     SEEDS,
     colour_shape_accuracy,
@@ -103,16 +104,24 @@ def test_size_words(engine: Any, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.xfail(
-    reason="position words are heard (test_every_word_kind_conditions_the_model) but the "
-    "committed checkpoint puts the shape in the named half in about half the pictures only",
+    reason="position words have no measurable effect on the committed checkpoint: the shape "
+    "lands where the seed puts it without the word (layout read from the start noise, see "
+    "MODEL_CARD.md)",
     strict=False,
 )
 def test_position_words(engine: Any, capsys: pytest.CaptureFixture[str]) -> None:
     report, _ = position_report(engine, DEFAULT_CFG_SCALE)
     _show(
-        capsys, "centre in the named half: " + ", ".join(f"{k} {v:.0%}" for k, v in report.items())
+        capsys,
+        "centre in the named half: "
+        + ", ".join(f"{k} {report[k]:.0%}" for k in (*POSITIONS, "all"))
+        + f"; same prompts and seeds without the word: {report['baseline']:.0%}; the word "
+        f"moves the centre by a median {report['median_shift_px']:.1f} px",
     )
     assert report["all"] >= POSITION_TARGET
+    # the word, not the seeds, puts the shapes there: a model that ignores it scores its
+    # baseline (about 60% here: "in the center" holds by chance for most seeds)
+    assert report["all"] - report["baseline"] >= 0.15
 
 
 def test_every_word_kind_conditions_the_model(
@@ -131,3 +140,22 @@ def test_every_word_kind_conditions_the_model(
     )
     for kind, (rise, _) in report.items():
         assert rise >= 0.05, f"swapping the {kind} word changes the loss by {rise:+.1%} only"
+
+
+def test_noise_at_the_last_timestep_still_shows_the_layout(
+    engine: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cause the model card gives for position words being ignored: under the SD1
+    schedule a picture noised to t = 999 can still be told from its mirror image far more
+    often than chance, and less so the more noise there is."""
+    from workers.demo.probe import layout_leak
+
+    leak = layout_leak(engine, pictures=128)
+    _show(
+        capsys,
+        "picture told from its mirror image: "
+        + ", ".join(f"t={t} {share:.0%}" for t, share in leak.items()),
+    )
+    shares = [leak[t] for t in sorted(leak, reverse=True)]
+    assert shares == sorted(shares), "less noise must not hide the layout better"
+    assert shares[0] > 0.6
