@@ -172,21 +172,33 @@ class _Sim:
 
 
 class _FarmSim(_Sim):
-    def __init__(self, farm: SimFarm, jobs: Sequence[SimJob], params: PlacementParams):
+    def __init__(
+        self,
+        farm: SimFarm,
+        jobs: Sequence[SimJob],
+        params: PlacementParams,
+        clairvoyant: bool = False,
+    ):
         super().__init__(farm, jobs)
         self.params = params
+        # a reference, not a policy: placement is told every job from t=0 (it still cannot
+        # render one before it arrives)
+        self.future = sorted(jobs, key=lambda j: (j.arrival, j.id)) if clairvoyant else []
 
     def demands(self) -> list[ModelDemand]:
-        by_model: dict[str, list[_Job]] = {}
+        by_model: dict[str, list[tuple[SimJob, int]]] = {}
         for j in self.jobs.values():
             if j.unfinished > 0:
-                by_model.setdefault(j.spec.model, []).append(j)
+                by_model.setdefault(j.spec.model, []).append((j.spec, j.unfinished))
+        for spec in self.future:
+            if spec.id not in self.jobs:
+                by_model.setdefault(spec.model, []).append((spec, spec.images))
         return [
             ModelDemand(
                 model=m,
-                backlog_s=sum(j.unfinished for j in js) * self.farm.render_s,
-                priority=max(j.spec.priority for j in js),
-                oldest=min(j.spec.arrival for j in js),
+                backlog_s=sum(n for _, n in js) * self.farm.render_s,
+                priority=max(spec.priority for spec, _ in js),
+                oldest=min(spec.arrival for spec, _ in js),
             )
             for m, js in sorted(by_model.items())
         ]
@@ -267,13 +279,19 @@ class _NaiveSim(_Sim):
 
 
 def simulate(
-    farm: SimFarm, jobs: Sequence[SimJob], params: PlacementParams | None = None
+    farm: SimFarm,
+    jobs: Sequence[SimJob],
+    params: PlacementParams | None = None,
+    clairvoyant: bool = False,
 ) -> SimResult:
-    """The farm's policy: ``placement.place`` decides, per-model queues feed the workers."""
+    """The farm's policy: ``placement.place`` decides, per-model queues feed the workers.
+    With ``clairvoyant``, placement sees every job's work from t=0, as if each had been
+    announced in advance: a reference for how much of the gap to an offline bound is what
+    an online farm cannot know."""
     params = params or PlacementParams(
         default_load_s=farm.default_load_s, ram_factor=farm.ram_factor
     )
-    sim = _FarmSim(farm, jobs, params)
+    sim = _FarmSim(farm, jobs, params, clairvoyant)
     return sim.run(sim.step)
 
 

@@ -90,3 +90,18 @@ def test_deterministic():
     params = PlacementParams(hysteresis=2.0)
     assert simulate(farm(4), jobs, params) == simulate(farm(4), jobs, params)
     assert simulate_naive(farm(4), jobs) == simulate_naive(farm(4), jobs)
+
+
+def test_clairvoyant_reference_loads_before_the_job_arrives():
+    # two workers; m's big job is there at t=0, n's small job comes at t=100. Online both
+    # workers take m, and one must leave it for n when n arrives and come back after: 4
+    # loads. Told the future, the second worker loads n at once and waits for the job,
+    # which it renders from its arrival (4 tasks of 4 images, 8 s each), then joins m: 3.
+    jobs = [SimJob("big", "m", 400), SimJob("late", "n", 16, arrival=100.0)]
+    params = PlacementParams(default_load_s=30.0, hysteresis=1.0)
+    online = simulate(farm(2), jobs, params)
+    told = simulate(farm(2), jobs, params, clairvoyant=True)
+    assert online.loads == 4
+    assert online.finish_s["late"] > 100 + 30 + 32
+    assert told.loads == 3
+    assert told.finish_s["late"] == 100 + 32
