@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from farm.children import die_with_parent
+
 LOCALHOST = "127.0.0.1"
 
 
@@ -108,7 +110,12 @@ class RedisProcess:
             "--protected-mode", "yes",
             "--logfile", str(self.directory / "server.log"),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=die_with_parent(),
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import redis
 
+from farm.children import die_with_parent
 from farm.config import EMBEDDED_REDIS_FILE, Config
 from farm.models import ModelEntry, ModelRegistry
 from farm.redis_server import RedisProcess, stop_processes
@@ -136,7 +137,12 @@ class Stack:
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         log.close()
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from farm.celery_app import worker_queue
+from farm.children import die_with_parent
 from farm.config import Config
 from farm.redis_server import stop_processes
 
@@ -126,7 +127,9 @@ class Launcher:
 
     def _spawn(self, slot: DeviceSlot) -> None:
         cmd = worker_command(slot, self.config, self.node, self.loglevel)
-        self.procs[slot.label] = subprocess.Popen(cmd, env=slot_env(slot))
+        self.procs[slot.label] = subprocess.Popen(
+            cmd, env=slot_env(slot), preexec_fn=die_with_parent()
+        )
 
     def supervise(self) -> None:
         """Restart dead workers until asked to stop."""

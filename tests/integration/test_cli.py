@@ -114,6 +114,70 @@ def test_farm_up_serves_submit_status_cancel_and_stops_on_ctrl_c(tmp_path: Path)
         get(f"http://127.0.0.1:{env['FARM_API_PORT']}/healthz")
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_farm_up_killed_outright_leaves_no_process_behind(tmp_path: Path) -> None:
+    env = farm_env(tmp_path)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "up", "--devices", "cpu:1"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert up.stdout is not None
+    lines: list[str] = []
+    for line in up.stdout:
+        lines.append(line)
+        if "farm is up" in line:
+            break
+    else:
+        pytest.fail("farm up ended early:\n" + "".join(lines))
+    # the server, API, scheduler, Flower, launcher and one worker (and its pool)
+    deadline = time.monotonic() + 60
+    while len(below := descendants(up.pid)) < 6 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(below) >= 6, below
+    up.kill()
+    up.wait()
+    deadline = time.monotonic() + 60
+    while (left := {p for p in below if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        assert not left, f"still running after farm up was killed: {sorted(left)}"
+        with pytest.raises(OSError):
+            get(f"http://127.0.0.1:{env['FARM_API_PORT']}/healthz")
+    finally:
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_farm_demo_runs_a_job_end_to_end(tmp_path: Path) -> None:
     env = farm_env(tmp_path, ports=False)  # the demo picks free ports itself
     out = farm(env, "demo", "--devices", "cpu:1", "--count", "2", timeout=500)
