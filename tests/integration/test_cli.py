@@ -47,21 +47,26 @@ def get(url: str) -> tuple[int, bytes]:
         return resp.status, resp.read()
 
 
-def test_farm_up_serves_submit_status_cancel_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    env = farm_env(tmp_path)
+def start_farm_up(env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
+    """``farm up`` on one CPU worker, once it says it is up; its output lines so far."""
     up = subprocess.Popen(
         [sys.executable, "-m", "farm.cli", "up", "--devices", "cpu:1"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    assert up.stdout is not None
     lines: list[str] = []
+    for line in up.stdout:
+        lines.append(line)
+        if "farm is up" in line:
+            return up, lines
+    up.wait()
+    pytest.fail("farm up ended early:\n" + "".join(lines))
+
+
+def test_farm_up_serves_submit_status_cancel_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    env = farm_env(tmp_path)
+    up, lines = start_farm_up(env)
     try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            lines.append(line)
-            if "farm is up" in line:
-                break
-        else:
-            pytest.fail("farm up ended early:\n" + "".join(lines))
         text = "".join(lines)
         api = f"http://127.0.0.1:{env['FARM_API_PORT']}"
         flower = f"http://127.0.0.1:{env['FARM_FLOWER_PORT']}"
@@ -147,18 +152,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_farm_up_killed_outright_leaves_no_process_behind(tmp_path: Path) -> None:
     env = farm_env(tmp_path)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "farm.cli", "up", "--devices", "cpu:1"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    assert up.stdout is not None
-    lines: list[str] = []
-    for line in up.stdout:
-        lines.append(line)
-        if "farm is up" in line:
-            break
-    else:
-        pytest.fail("farm up ended early:\n" + "".join(lines))
+    up, _ = start_farm_up(env)
     # the server, API, scheduler, Flower, launcher and one worker (and its pool)
     deadline = time.monotonic() + 60
     while len(below := descendants(up.pid)) < 6 and time.monotonic() < deadline:
