@@ -11,6 +11,9 @@ Equivalences (A1111 name -> diffusers):
   "Enable quantization in K samplers"). Without it the two differ, asserted below.
 - "DPM++ 2M" + Uniform: DPMSolverMultistepScheduler given the uniform timesteps explicitly
   (10 steps: 999, 888, ..., 0), since its own "linspace" spacing drops t=0.
+- v-prediction on a zero-terminal-SNR schedule (scheduler config ``prediction_type:
+  v_prediction``, ``rescale_betas_zero_snr: true``): the same schedulers with those two
+  settings; both sides end the schedule at alpha-bar 2^-24 (sigma_max about 4096).
 
 Initial latents: Euler's diffusers latents are sigma-scaled (init_noise_sigma = sigma_max);
 DPM-Solver's are variance-preserving (x / sqrt(1 + sigma^2)), so the engine's equivalent
@@ -40,13 +43,14 @@ BETAS = {
 UNIFORM_TIMESTEPS = [999 - 111 * i for i in range(STEPS)]
 
 
-def diffusers_scheduler(kind: str, karras: bool):
+def diffusers_scheduler(kind: str, karras: bool, **settings):
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+    betas = {**BETAS, **settings}
     if kind == "euler":
-        return EulerDiscreteScheduler(**BETAS, use_karras_sigmas=karras)
+        return EulerDiscreteScheduler(**betas, use_karras_sigmas=karras)
     return DPMSolverMultistepScheduler(
-        **BETAS,
+        **betas,
         algorithm_type="dpmsolver++",
         solver_order=2,
         final_sigmas_type="zero",
@@ -149,3 +153,58 @@ def test_parity_check_can_fail(engine):
     assert wrong_schedule > 100 * TOL
     unquantized, _ = run_both(engine, "DPM++ 2M", "Karras", diffusers_scheduler("dpm", True), False)
     assert unquantized > 10 * TOL
+
+
+V_ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+
+
+@pytest.fixture(scope="module")
+def v_engine(tiny_path):
+    """The tiny checkpoint read as a v-prediction model on a zero-terminal-SNR schedule
+    (its scheduler config says so, as a checkpoint's metadata would)."""
+    from dataclasses import replace
+
+    from workers.engine.sd1 import SD1Engine, load_components
+
+    comps = load_components(tiny_path)
+    return SD1Engine(replace(comps, scheduler_config={**comps.scheduler_config, **V_ZERO_SNR}))
+
+
+V_CASES = [
+    ("Euler", "Karras", "euler", False),
+    ("DPM++ 2M", "Karras", "dpm", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "kind", "quantize"), V_CASES, ids=[f"{c[0]}-{c[1]}" for c in V_CASES]
+)
+def test_parity_v_prediction_zero_terminal_snr(v_engine, sampler, schedule, kind, quantize):
+    scheduler = diffusers_scheduler(kind, True, **V_ZERO_SNR)
+    assert float(scheduler.alphas_cumprod[-1]) == 2.0**-24
+    assert float(
+        v_engine.sigmas(BatchRequest(IMAGES, 64, 64, STEPS, CFG, sampler, schedule))[0]
+    ) == pytest.approx(4096, rel=1e-3)  # sigma_max with alpha-bar 2^-24 at the end
+    diff, scale = run_both(v_engine, sampler, schedule, scheduler, quantize)
+    print(
+        f"v-prediction {sampler} / {schedule}: max abs diff {diff:.3g} (latents up to {scale:.3g})"
+    )
+    assert diff <= TOL
+
+
+def test_v_prediction_changes_the_result(engine, v_engine):
+    """The same weights read as v-prediction give other latents: the setting is used."""
+    batch = BatchRequest(IMAGES, 64, 64, STEPS, CFG, "Euler", "Karras")
+    assert (engine.sample_latents(batch) - v_engine.sample_latents(batch)).abs().max() > 1e-2
+
+
+def test_unknown_prediction_type_is_refused_by_name(tiny_path):
+    from dataclasses import replace
+
+    from workers.engine.base import EngineError
+    from workers.engine.sd1 import SD1Engine, load_components
+
+    comps = load_components(tiny_path)
+    bad = replace(comps, scheduler_config={**comps.scheduler_config, "prediction_type": "sample"})
+    with pytest.raises(EngineError, match="prediction_type 'sample'"):
+        SD1Engine(bad)

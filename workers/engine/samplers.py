@@ -1,4 +1,4 @@
-"""k-diffusion style samplers and sigma schedules, for epsilon-prediction models.
+"""k-diffusion style samplers and sigma schedules, for epsilon- and v-prediction models.
 
 Every sampler is one short function over a decreasing list of sigmas ending in 0. The model
 is a *denoiser*: ``model(x, sigma) -> denoised x0``, where ``x = x0 + sigma * noise``
@@ -27,20 +27,43 @@ def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """Lin et al. (2024), "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    algorithm 1: shift and scale sqrt(alphas_cumprod) so the last timestep carries no
+    signal (alpha-bar 0) and the first keeps its value. The last value is then set to
+    2^-24, as diffusers does, so that sigma_max stays finite (about 4096)."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    out = ((root - last) * first / (first - last)) ** 2
+    out[-1] = 2.0**-24
+    return out
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 class DiscreteEpsDenoiser:
-    """Wrap an epsilon-prediction model as a denoiser over continuous sigma.
+    """Wrap a noise-prediction model as a denoiser over continuous sigma.
 
     The model was trained at 1000 discrete noise levels ``sigma_t``; a sigma between two of
     them maps to a fractional timestep by interpolating in log-sigma (k-diffusion's
     CompVisDenoiser). ``quantize=True`` rounds to the nearest trained timestep instead
     (A1111's "Enable quantization in K samplers"; also what diffusers' DPM-Solver does).
+    ``prediction_type`` is what the model outputs: the noise ("epsilon") or
+    ``v = sqrt(a) * noise - sqrt(1 - a) * x0`` ("v_prediction", k-diffusion's
+    CompVisVDenoiser).
     """
 
-    def __init__(self, eps_model: EpsModel, alphas_cumprod: Tensor, quantize: bool = False):
+    def __init__(self, eps_model: EpsModel, alphas_cumprod: Tensor, quantize: bool = False,
+                 prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}: "
+                             f"{prediction_type!r}")
         self.eps_model = eps_model
         self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().to(torch.float32)
         self.log_sigmas = self.sigmas.double().log()
         self.quantize = quantize
+        self.prediction_type = prediction_type
 
     @property
     def sigma_min(self) -> float:
@@ -71,8 +94,10 @@ class DiscreteEpsDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         t = self.sigma_to_t(sigma).to(torch.float32)
-        eps = self.eps_model(x / (sigma**2 + 1) ** 0.5, t)  # the UNet's input is x * c_in
-        return x - eps * sigma
+        out = self.eps_model(x / (sigma**2 + 1) ** 0.5, t)  # the UNet's input is x * c_in
+        if self.prediction_type == "v_prediction":
+            return x / (sigma**2 + 1) - out * sigma / (sigma**2 + 1) ** 0.5
+        return x - out * sigma
 
 
 # ---------------------------------------------------------------- schedules (float32, end in 0)

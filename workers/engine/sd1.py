@@ -18,10 +18,12 @@ from workers.engine.base import BatchRequest, EngineError
 from workers.engine.names import resolve_schedule
 from workers.engine.samplers import (
     ANCESTRAL,
+    PREDICTION_TYPES,
     SAMPLER_FUNCTIONS,
     DiscreteEpsDenoiser,
     alphas_cumprod,
     get_sigmas,
+    rescale_zero_terminal_snr,
 )
 
 ENGINE_DIR = Path(__file__).parent
@@ -168,11 +170,15 @@ class SD1Engine:
         self.text_encoder = components.text_encoder.to(device)
         self.tokenizer = components.tokenizer
         sc = components.scheduler_config
-        if sc.get("prediction_type", "epsilon") != "epsilon":
-            raise EngineError(f"prediction_type {sc['prediction_type']!r} not supported yet")
+        self.prediction_type = sc.get("prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise EngineError(f"scheduler prediction_type {self.prediction_type!r} is not "
+                              f"supported (supported: {', '.join(PREDICTION_TYPES)})")
         self.alphas_cumprod = alphas_cumprod(sc.get("beta_start", 0.00085),
                                              sc.get("beta_end", 0.012),
                                              sc.get("num_train_timesteps", 1000))
+        if sc.get("rescale_betas_zero_snr", False):
+            self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
         self.quantize = quantize
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = self.unet.config.in_channels
@@ -223,7 +229,8 @@ class SD1Engine:
             e_uncond, e_cond = out.chunk(2)
             return e_uncond + cfg_scale * (e_cond - e_uncond)
 
-        return DiscreteEpsDenoiser(eps, self.alphas_cumprod, quantize=self.quantize)
+        return DiscreteEpsDenoiser(eps, self.alphas_cumprod, quantize=self.quantize,
+                                   prediction_type=self.prediction_type)
 
     @torch.no_grad()
     def sample_latents(self, batch: BatchRequest, initial_latents: Tensor | None = None) -> Tensor:
