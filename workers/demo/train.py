@@ -215,17 +215,14 @@ class Trainer:
         self.log(f"resumed at stage {self.stage} step {self.step}")
         return True
 
-    def make_optimizer(
-        self, params: list[Any], lr: float, scales: list[float] | None = None
-    ) -> None:
-        """AdamW over ``params``, a list of tensors or, with ``scales``, a list of tensor lists
-        whose learning rates are ``lr`` times their scale."""
-        groups = (
-            [{"params": g, "lr_scale": s} for g, s in zip(params, scales, strict=True)]
-            if scales is not None
-            else [{"params": params, "lr_scale": 1.0}]
+    def make_optimizer(self, groups: list[tuple[list[Any], float]], lr: float) -> None:
+        """AdamW over (tensors, scale) groups, each learning at ``lr`` times its scale."""
+        self.opt = self.torch.optim.AdamW(
+            [{"params": params, "lr_scale": scale} for params, scale in groups],
+            lr=lr,
+            betas=(0.9, 0.99),
+            weight_decay=0.0,
         )
-        self.opt = self.torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
         pending = getattr(self, "_pending_opt", None)
         if pending is not None:
             self.opt.load_state_dict(pending)
@@ -284,7 +281,7 @@ class Trainer:
         for p in params:
             p.requires_grad_(True)
         self.vae.train()
-        self.make_optimizer(params, base_lr)
+        self.make_optimizer([(params, 1.0)], base_lr)
         if self.step == 0 and decoder_only:
             self.gen.manual_seed(self.seed + 3)  # a stage's randomness depends on the seed only
         window: list[float] = []
@@ -376,11 +373,14 @@ class Trainer:
         snr = acp / (1 - acp)
         weight = torch.clamp(1 / snr, min=1.0, max=cfg.max_loss_weight)
         ids, empty = self.tokenize_captions()
-        groups = [list(self.unet.parameters()), list(self.text_encoder.parameters())]
-        params = groups[0] + groups[1]
+        unet_params = list(self.unet.parameters())
+        text_params = list(self.text_encoder.parameters())
+        params = unet_params + text_params
         self.unet.train().requires_grad_(True)
         self.text_encoder.train().requires_grad_(True)
-        self.make_optimizer(groups, cfg.unet_lr, [1.0, cfg.text_encoder_lr_scale])
+        self.make_optimizer(
+            [(unet_params, 1.0), (text_params, cfg.text_encoder_lr_scale)], cfg.unet_lr
+        )
         if self.ema is None:
             self.ema = {f"unet.{k}": v.detach().clone() for k, v in self.unet.named_parameters()}
             self.ema.update(
