@@ -146,11 +146,7 @@ def position_report(
     "median_shift_px" is how far the word moves the shape's centre from where the same
     seed puts it without the word."""
     cases = position_cases()
-    per_word: dict[str, int] = {}
-    seeds = []
-    for *_, pos in cases:
-        seeds.append(per_word.get(pos, 0))
-        per_word[pos] = seeds[-1] + 1
+    seeds = [k % POSITION_CASES_PER_WORD for k in range(len(cases))]  # cases come word by word
     items = [
         (caption(fg, shape, bg, None, pos), seed)
         for (fg, shape, bg, pos), seed in zip(cases, seeds, strict=True)
