@@ -79,7 +79,10 @@ def probe(engine: Any, pictures: int = 256, seed: int = PROBE_SEED) -> dict[str,
                 xt = a.sqrt() * x0[rows] + (1 - a).sqrt() * noise[rows]
                 ts = torch.full((len(rows),), t)
                 pred = engine.unet(xt, ts, encoder_hidden_states=cond).sample
-                out.append(float((pred - noise[rows]).pow(2).mean()))
+                target = noise[rows]
+                if engine.prediction_type == "v_prediction":
+                    target = a.sqrt() * noise[rows] - (1 - a).sqrt() * x0[rows]
+                out.append(float((pred - target).pow(2).mean()))
             return out
 
         report: dict[str, tuple[float, int]] = {}
