@@ -1,7 +1,9 @@
 """Farm plumbing overhead against bare Celery, on the same broker, in one run.
 
-1. Bare Celery: N no-op tasks (each increments a Redis counter) sent at once to one
-   worker process with the farm's Celery settings (threads pool, acks_late, prefetch 1).
+1. Bare Celery: N no-op tasks (each increments a Redis counter, the least a task can do
+   and still be counted) sent at once to one worker process with the farm's Celery
+   settings (threads pool, acks_late, prefetch 1). That worker runs this module as its
+   Celery app (``celery -A bench.overhead``), which builds the app on first use.
 2. The farm: one job of N images with ``batch_size`` 1 (so N tasks) for the built-in
    ``synthetic`` model, whose engine returns a solid 64x64 image at once. Every task goes
    the whole way: scheduler metering, claim, render, PNG encode, storage write, ledger
@@ -17,6 +19,7 @@ Usage: python bench/overhead.py [--tasks 1000]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -33,6 +36,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from farm.redis_server import RedisProcess, free_port  # noqa: E402
+
+NOOP_TASK = "bench.noop"
+
+
+@functools.cache
+def noop_app():  # type: ignore[no-untyped-def]
+    """The bare baseline: the farm's Celery app settings and one no-op task."""
+    from farm.celery_app import make_app
+    from farm.config import load
+
+    config = load()
+    app = make_app(config)
+    r = redis.Redis.from_url(config.redis())
+    counter = os.environ.get("BENCH_COUNTER", "bench:noop:done")
+
+    @app.task(name=NOOP_TASK)
+    def noop(i: int) -> None:
+        r.incr(counter)
+
+    return app
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    """``celery -A bench.overhead`` looks for ``app`` here; building it on first use keeps
+    running the benchmark from needing a broker at import."""
+    if name == "app":
+        return noop_app()
+    raise AttributeError(name)
 
 
 def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -70,22 +101,21 @@ def post(url: str, body: dict) -> tuple[int, dict, float]:  # type: ignore[type-
 
 
 def bare_celery(n: int, env: dict[str, str], r: redis.Redis, tmp: Path) -> float:
-    from bench.noop_app import app
-
+    app = noop_app()
     counter = env["BENCH_COUNTER"]
     worker = spawn(
-        [sys.executable, "-m", "celery", "-A", "bench.noop_app", "worker", "--pool", "threads",
-         "-c", "1", "--prefetch-multiplier", "1", "-Q", "bench.noop", "--without-gossip",
+        [sys.executable, "-m", "celery", "-A", "bench.overhead", "worker", "--pool", "threads",
+         "-c", "1", "--prefetch-multiplier", "1", "-Q", NOOP_TASK, "--without-gossip",
          "--without-mingle", "-E", "--loglevel", "WARNING"],
         env, tmp / "bare-worker.log",
     )  # fmt: skip
     try:
-        app.send_task("bench.noop", args=[-1], queue="bench.noop")
+        app.send_task(NOOP_TASK, args=[-1], queue=NOOP_TASK)
         wait_until(lambda: int(r.get(counter) or 0) >= 1, 120, "bare worker did not start")
         r.set(counter, 0)
         t0 = time.perf_counter()
         for i in range(n):
-            app.send_task("bench.noop", args=[i], queue="bench.noop")
+            app.send_task(NOOP_TASK, args=[i], queue=NOOP_TASK)
         wait_until(lambda: int(r.get(counter) or 0) >= n, 600, "bare tasks did not finish")
         return time.perf_counter() - t0
     finally:
