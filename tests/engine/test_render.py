@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from workers.engine.base import BatchRequest, EngineError, ImageRequest
 
@@ -60,3 +61,71 @@ def test_bad_requests_are_engine_errors(engine, kwargs, field):
         engine.render(batch([ImageRequest("a", "", 1)], **kwargs))
     with pytest.raises(EngineError, match="scheduler"):
         engine.render(BatchRequest((ImageRequest("a", "", 1),), 64, 64, 2, 7.0, "Euler", "Beta"))
+
+
+# prompts over 75 tokens: A1111's chunks of 75 tokens, encoded side by side
+
+LONG = ", ".join(f"{w} detail" for w in ["fine", "sharp", "soft", "warm", "cold"] * 8)  # 80 tokens
+
+
+def test_prompts_within_75_tokens_encode_exactly_as_one_clip_window(engine):
+    prompts = ["a photo of a cat", "a red car on a road at night, rain, neon lights, 35mm"]
+    ids = engine.tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    assert all(len(engine.prompt_chunks(p)) == 1 for p in prompts)
+    assert engine.prompt_chunks(prompts[0])[0] == ids[0].tolist()
+    ours = engine.encode_prompts(prompts)
+    assert ours.shape[:2] == (2, 77)
+    assert torch.allclose(ours, engine.text_encoder(ids)[0], atol=1e-6)
+
+
+def test_a_long_prompt_is_encoded_in_chunks_of_75_tokens(engine):
+    tok = engine.tokenizer
+    ids = tok(LONG, add_special_tokens=False).input_ids
+    assert 75 < len(ids) <= 150
+    chunks = engine.prompt_chunks(LONG)
+    assert [len(c) for c in chunks] == [77, 77]
+    assert chunks[0] == [tok.bos_token_id, *ids[:75], tok.eos_token_id]
+    rest = ids[75:]
+    assert chunks[1][: len(rest) + 2] == [tok.bos_token_id, *rest, tok.eos_token_id]
+    assert chunks[0][1:-1] + chunks[1][1 : len(rest) + 1] == ids  # nothing dropped
+    enc = engine.encode_prompts([LONG, "a cat"])
+    assert enc.shape[:2] == (2, 154)
+    first = engine.text_encoder(torch.tensor([chunks[0]]))[0][0]
+    assert torch.allclose(enc[0, :77], first, atol=1e-5)
+    empty = engine.encode_prompts([""])[0]  # a short prompt is padded with an empty chunk
+    assert torch.allclose(enc[1, 77:], empty, atol=1e-5)
+
+
+def test_words_after_the_75th_token_change_the_result(engine):
+    def latents(prompt):
+        return engine.sample_latents(batch([ImageRequest(prompt, "", 3)], "Euler", steps=3))
+
+    a, b = latents(LONG + ", a red car"), latents(LONG + ", a blue boat")
+    # truncated at 77 tokens, both prompts would give the very same latents
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    # the trained demo model: its output depends on the context enough that one empty
+    # chunk of padding moves the latents by more than 1 (the tiny random model's barely)
+    from workers.demo import demo_checkpoint_path
+    from workers.engine.loader import load_engine
+
+    return load_engine(demo_checkpoint_path())
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M"])
+def test_long_prompts_do_not_change_their_batch_mates(demo_engine, sampler):
+    requests = [
+        ImageRequest("a red circle on a blue background", "", 11),
+        ImageRequest(LONG, "", 12),
+        ImageRequest("a green square on a black background", LONG, 13),  # long negative
+        ImageRequest("a white triangle on a purple background", "", 14),
+    ]
+    together = demo_engine.sample_latents(batch(requests, sampler, steps=4))
+    for i, req in enumerate(requests):
+        alone = demo_engine.sample_latents(batch([req], sampler, steps=4))[0]
+        assert (together[i] - alone).abs().max() < 1e-3, i

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError
+from workers.engine.base import BatchRequest, EngineError, ImageRequest
 from workers.engine.names import resolve_schedule
 from workers.engine.samplers import (
     ANCESTRAL,
@@ -31,6 +31,7 @@ CONFIG_DIR = ENGINE_DIR / "configs" / "sd1"
 TOKENIZER_DIR = ENGINE_DIR / "assets" / "clip_tokenizer"
 CLIP_VOCAB_SIZE = 49408
 MAX_TOKENS = 77
+CHUNK_TOKENS = MAX_TOKENS - 2  # prompt tokens per 77-token chunk, between BOS and EOS
 
 
 @dataclass
@@ -196,11 +197,27 @@ class SD1Engine:
     # -------------------------------------------------------------- steps of a render
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """CLIP last hidden states, 77 tokens per prompt (longer prompts are truncated)."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+    def prompt_chunks(self, prompt: str) -> list[list[int]]:
+        """The prompt's token ids in chunks of 75 (A1111's long prompts), each chunk wrapped
+        in BOS ... EOS and padded to 77 as CLIP expects; at least one chunk. A prompt of up to
+        75 tokens gives exactly the usual 77 ids."""
+        tok = self.tokenizer
+        ids = tok(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        pieces = [ids[i:i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]]
+        return [[tok.bos_token_id, *c, tok.eos_token_id]
+                + [tok.pad_token_id] * (CHUNK_TOKENS - len(c)) for c in pieces]
+
+    def encode_prompts(self, prompts: list[str], chunks: int = 1) -> Tensor:
+        """CLIP last hidden states: 77 per chunk of 75 prompt tokens, the chunks of a prompt
+        side by side (A1111's long prompts; the UNet attends to any context length). Every
+        prompt is padded with empty-prompt chunks to ``chunks`` or to the most any of them
+        needs, so the batch has one context length."""
+        per = [self.prompt_chunks(p) for p in prompts]
+        n = max(chunks, *(len(c) for c in per))
+        empty = self.prompt_chunks("")[0]
+        ids = torch.tensor([chunk for c in per for chunk in c + [empty] * (n - len(c))])
+        hidden = self.text_encoder(ids.to(self.device))[0]  # (prompts x n, 77, width)
+        return hidden.reshape(len(prompts), n * MAX_TOKENS, hidden.shape[-1])
 
     def sigmas(self, batch: BatchRequest) -> Tensor:
         schedule = resolve_schedule(batch.sampler_name, batch.scheduler)
@@ -244,14 +261,31 @@ class SD1Engine:
         sigmas = self.sigmas(batch).to(self.device)
         x = noise.to(self.device) * sigmas[0] if initial_latents is None else initial_latents
         x = x.to(self.device, torch.float32)
+        # a prompt (or negative prompt) over 75 tokens takes more chunks of context. Images
+        # are sampled in groups of one chunk count, so an image's context, and so the image,
+        # never depends on the prompts it shares a batch with
+        guided = batch.cfg_scale != 1.0
+        counts = [max(len(self.prompt_chunks(r.prompt)),
+                      len(self.prompt_chunks(r.negative_prompt)) if guided else 1)
+                  for r in batch.images]
+        out = torch.empty_like(x)
+        for n in sorted(set(counts)):
+            idx = [i for i, c in enumerate(counts) if c == n]
+            out[idx] = self._sample(batch, [batch.images[i] for i in idx], x[idx],
+                                    [gens[i] for i in idx], sigmas, n)
+        return out
 
-        cond = self.encode_prompts([r.prompt for r in batch.images])
+    def _sample(self, batch: BatchRequest, requests: list[ImageRequest], x: Tensor,
+                gens: list[torch.Generator], sigmas: Tensor, chunks: int) -> Tensor:
+        cond = self.encode_prompts([r.prompt for r in requests], chunks)
         uncond = None
         if batch.cfg_scale != 1.0:
-            uncond = self.encode_prompts([r.negative_prompt for r in batch.images])
+            uncond = self.encode_prompts([r.negative_prompt for r in requests], chunks)
         model = self._denoiser(cond, uncond, batch.cfg_scale)
         sampler = SAMPLER_FUNCTIONS[batch.sampler_name]
         if batch.sampler_name in ANCESTRAL:
+            shape = x.shape[1:]
+
             def noise_fn(_: Tensor) -> Tensor:
                 fresh = torch.stack([torch.randn(shape, generator=g) for g in gens])
                 return fresh.to(self.device)
