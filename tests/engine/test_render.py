@@ -68,6 +68,41 @@ def test_bad_requests_are_engine_errors(engine, kwargs, field):
 LONG = ", ".join(f"{w} detail" for w in ["fine", "sharp", "soft", "warm", "cold"] * 8)  # 80 tokens
 
 
+COMMA = 267  # ",</w>"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "sizes"),
+    [
+        ([list(range(1000, 1080))], [75, 5]),  # no comma: cut at 75
+        # a comma 15 tokens before the cut: the chunk ends after it
+        ([[*range(1000, 1060), COMMA, *range(2000, 2019)]], [61, 19]),
+        # the last comma 25 tokens back (more than 20): cut at 75 all the same
+        ([[*range(1000, 1050), COMMA, *range(2000, 2029)]], [75, 5]),
+        ([[1, 2], [3]], [2, 1]),  # "a b BREAK c"
+        ([[], [3]], [0, 1]),  # "BREAK c": an empty chunk first, as in A1111
+        ([[1], []], [1]),  # "a BREAK": no empty chunk last
+        ([[]], [0]),  # the empty prompt: one empty chunk
+        ([list(range(1000, 1150))], [75, 75]),
+    ],
+)
+def test_chunks_follow_a1111(pieces, sizes):
+    from workers.engine.sd1 import chunk_tokens
+
+    chunks = chunk_tokens(pieces, COMMA)
+    assert [len(c) for c in chunks] == sizes
+    assert [t for c in chunks for t in c] == [t for p in pieces for t in p]  # order kept
+
+
+def test_break_and_the_comma_token_in_real_prompts(engine):
+    assert engine.tokenizer.convert_tokens_to_ids(",</w>") == COMMA
+    chunks = engine.prompt_chunks("a red car BREAK a blue boat")
+    assert len(chunks) == 2
+    assert engine.prompt_chunks("a red car")[0] == chunks[0]
+    assert engine.prompt_chunks("a blue boat")[0] == chunks[1]
+    assert len(engine.prompt_chunks("a BREAKFAST table, Break")) == 1  # the word only, in capitals
+
+
 def test_prompts_within_75_tokens_encode_exactly_as_one_clip_window(engine):
     prompts = ["a photo of a cat", "a red car on a road at night, rain, neon lights, 35mm"]
     ids = engine.tokenizer(

@@ -6,6 +6,7 @@ from ``assets/clip_tokenizer/``."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,43 @@ TOKENIZER_DIR = ENGINE_DIR / "assets" / "clip_tokenizer"
 CLIP_VOCAB_SIZE = 49408
 MAX_TOKENS = 77
 CHUNK_TOKENS = MAX_TOKENS - 2  # prompt tokens per 77-token chunk, between BOS and EOS
+COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack" default
+BREAK = re.compile(r"\s*\bBREAK\b\s*")  # A1111's keyword that starts a new chunk
+
+
+def chunk_tokens(pieces: list[list[int]], comma: int, size: int = CHUNK_TOKENS,
+                 backtrack: int = COMMA_BACKTRACK) -> list[list[int]]:
+    """A1111's split of a prompt's token ids into chunks of at most ``size``. ``pieces`` are
+    the ids of the texts between BREAKs; each after the first starts a new chunk. When a
+    chunk is full and its last ``comma`` lies at most ``backtrack`` tokens back, the chunk
+    ends after that comma and the tokens behind it open the next one, so a phrase is not cut
+    in two. Always at least one chunk (an empty prompt gives one empty chunk)."""
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal cur, last_comma
+        chunks.append(cur)
+        cur, last_comma = [], -1
+
+    for k, piece in enumerate(pieces):
+        if k:
+            close()
+        for token in piece:
+            if token == comma:
+                last_comma = len(cur)
+            elif len(cur) == size and last_comma != -1 and len(cur) - last_comma <= backtrack:
+                moved = cur[last_comma + 1:]
+                cur = cur[:last_comma + 1]
+                close()
+                cur = moved
+            if len(cur) == size:
+                close()
+            cur.append(token)
+    if cur or not chunks:
+        chunks.append(cur)
+    return chunks
 
 
 @dataclass
@@ -196,17 +234,18 @@ class SD1Engine:
 
     # -------------------------------------------------------------- steps of a render
 
-    @torch.no_grad()
     def prompt_chunks(self, prompt: str) -> list[list[int]]:
-        """The prompt's token ids in chunks of 75 (A1111's long prompts), each chunk wrapped
-        in BOS ... EOS and padded to 77 as CLIP expects; at least one chunk. A prompt of up to
-        75 tokens gives exactly the usual 77 ids."""
+        """The prompt's token ids in A1111's chunks (``chunk_tokens``), each wrapped in
+        BOS ... EOS and padded to 77 as CLIP expects; at least one chunk. A prompt of up to
+        75 tokens without BREAK gives exactly the usual 77 ids."""
         tok = self.tokenizer
-        ids = tok(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
-        pieces = [ids[i:i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]]
+        pieces = [tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+                  for text in BREAK.split(prompt)]
+        chunks = chunk_tokens(pieces, tok.convert_tokens_to_ids(",</w>"))
         return [[tok.bos_token_id, *c, tok.eos_token_id]
-                + [tok.pad_token_id] * (CHUNK_TOKENS - len(c)) for c in pieces]
+                + [tok.pad_token_id] * (CHUNK_TOKENS - len(c)) for c in chunks]
 
+    @torch.no_grad()
     def encode_prompts(self, prompts: list[str], chunks: int = 1) -> Tensor:
         """CLIP last hidden states: 77 per chunk of 75 prompt tokens, the chunks of a prompt
         side by side (A1111's long prompts; the UNet attends to any context length). Every
