@@ -65,7 +65,9 @@ def test_bad_requests_are_engine_errors(engine, kwargs, field):
 
 # prompts over 75 tokens: A1111's chunks of 75 tokens, encoded side by side
 
-LONG = ", ".join(f"{w} detail" for w in ["fine", "sharp", "soft", "warm", "cold"] * 8)  # 80 tokens
+# 119 tokens: 40 phrases "fine detail" with commas between; the 25th comma is the 75th
+# token, so the first chunk holds exactly the first 75 tokens
+LONG = ", ".join(f"{w} detail" for w in ["fine", "sharp", "soft", "warm", "cold"] * 8)
 
 
 COMMA = 267  # ",</w>"
@@ -118,7 +120,7 @@ def test_prompts_within_75_tokens_encode_exactly_as_one_clip_window(engine):
 def test_a_long_prompt_is_encoded_in_chunks_of_75_tokens(engine):
     tok = engine.tokenizer
     ids = tok(LONG, add_special_tokens=False).input_ids
-    assert 75 < len(ids) <= 150
+    assert len(ids) == 119 and ids[74] == COMMA
     chunks = engine.prompt_chunks(LONG)
     assert [len(c) for c in chunks] == [77, 77]
     assert chunks[0] == [tok.bos_token_id, *ids[:75], tok.eos_token_id]
