@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,27 +110,50 @@ end
 return -1
 """
 
-# KEYS: job, requeue, pending   ARGV: n, cursor_limit, now
-# Tasks given back (pause) or to retry come first, then the cursor (up to cursor_limit).
-# Each released task waits in ``pending`` (by release time) until a worker claims it.
+# KEYS: job, requeue, pending   ARGV: n, now, tasks_per_cell, cell...
+# Releases up to n tasks of the given cells (those of one model): first the ones given back
+# (pause) or to retry, then each cell's next tasks, cell by cell in the order given. A
+# cell's cursor ('c:<cell>') is its next task never released; 'cursor' counts the tasks
+# released for the first time. Each released task waits in ``pending`` (by release time)
+# until a worker claims it.
 _RELEASE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return {} end
 local n = tonumber(ARGV[1])
+local tpc = tonumber(ARGV[3])
+local n_tasks = tonumber(redis.call('HGET', KEYS[1], 'n_tasks'))
 local out = {}
-local back = redis.call('ZPOPMIN', KEYS[2], n)
-for i = 1, #back, 2 do out[#out + 1] = tonumber(back[i]) end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'cursor'))
-local limit = math.min(tonumber(ARGV[2]), tonumber(redis.call('HGET', KEYS[1], 'n_tasks')))
-while #out < n and cur < limit do
-  out[#out + 1] = cur
-  cur = cur + 1
+for i = 4, #ARGV do
+  if #out >= n then break end
+  local lo = tonumber(ARGV[i]) * tpc
+  local back = redis.call('ZRANGEBYSCORE', KEYS[2], lo, lo + tpc - 1, 'LIMIT', 0, n - #out)
+  for _, t in ipairs(back) do
+    redis.call('ZREM', KEYS[2], t)
+    out[#out + 1] = tonumber(t)
+  end
 end
-redis.call('HSET', KEYS[1], 'cursor', cur)
-for _, t in ipairs(out) do redis.call('ZADD', KEYS[3], ARGV[3], t) end
+local fresh = 0
+for i = 4, #ARGV do
+  if #out >= n then break end
+  local lo = tonumber(ARGV[i]) * tpc
+  local field = 'c:' .. ARGV[i]
+  local cur = tonumber(redis.call('HGET', KEYS[1], field) or lo)
+  local start = cur
+  local limit = math.min(lo + tpc, n_tasks)
+  while #out < n and cur < limit do
+    out[#out + 1] = cur
+    cur = cur + 1
+  end
+  if cur > start then
+    redis.call('HSET', KEYS[1], field, cur)
+    fresh = fresh + cur - start
+  end
+end
+if fresh > 0 then redis.call('HINCRBY', KEYS[1], 'cursor', fresh) end
+for _, t in ipairs(out) do redis.call('ZADD', KEYS[3], ARGV[2], t) end
 if #out > 0 then
   redis.call('HINCRBY', KEYS[1], 'inflight', #out)
-  redis.call('HSET', KEYS[1], 'last_release', ARGV[3])
+  redis.call('HSET', KEYS[1], 'last_release', ARGV[2])
 end
 return out
 """
@@ -157,7 +180,7 @@ return 'ok'
 """
 
 # KEYS: job, failed, tasks, requeue, active, events
-# ARGV: job_id, now, n_images, image..., task...
+# ARGV: job_id, now, n_images, tasks_per_cell, image..., task...
 _RETRY = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'running' and state ~= 'failed' and state ~= 'done' and state ~= 'paused'
@@ -166,19 +189,21 @@ if state ~= 'running' and state ~= 'failed' and state ~= 'done' and state ~= 'pa
 end
 local n_images = tonumber(ARGV[3])
 local cleared = 0
-for i = 4, 3 + n_images do
+local tpc = tonumber(ARGV[4])
+for i = 5, 4 + n_images do
   if redis.call('SETBIT', KEYS[2], tonumber(ARGV[i]), 0) == 1 then cleared = cleared + 1 end
 end
 if cleared == 0 then return {state, 0} end
 redis.call('HINCRBY', KEYS[1], 'failed', -cleared)
-local cursor = tonumber(redis.call('HGET', KEYS[1], 'cursor'))
-for i = 4 + n_images, #ARGV do
+for i = 5 + n_images, #ARGV do
   local t = tonumber(ARGV[i])
   if redis.call('SETBIT', KEYS[3], t, 0) == 1 then
     redis.call('HINCRBY', KEYS[1], 'tasks_finished', -1)
   end
-  -- a task not released yet goes out with the cursor anyway
-  if t < cursor then redis.call('ZADD', KEYS[4], t, t) end
+  -- a task its cell's cursor has not reached yet goes out with the cursor anyway
+  local cell = math.floor(t / tpc)
+  local cur = tonumber(redis.call('HGET', KEYS[1], 'c:' .. cell) or cell * tpc)
+  if t < cur then redis.call('ZADD', KEYS[4], t, t) end
 end
 if state == 'failed' or state == 'done' then
   state = 'running'
@@ -206,9 +231,9 @@ class JobRecord:
     n_tasks: int
     done: int
     failed: int
-    cursor: int  # next task number never released
+    cursor: int  # tasks released for the first time (each cell has its own cursor)
     inflight: int  # tasks in the broker or running
-    requeued: int  # tasks given back (pause) or to retry, released before the cursor
+    requeued: int  # tasks given back (pause) or to retry, released before new ones
     tasks_started: int
     tasks_finished: int
     created_at: float
@@ -216,6 +241,10 @@ class JobRecord:
     finished_at: float | None
     last_release: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    cell_cursors: dict[int, int] = field(default_factory=dict)  # cell -> next task never
+    # released, for the cells released from so far (others: their first task)
+    requeue_tasks: tuple[int, ...] = ()  # the tasks given back (``Ledger.active`` only)
+    pending_tasks: tuple[int, ...] = ()  # released, not claimed yet (``Ledger.active`` only)
 
     @property
     def plan(self) -> Plan:
@@ -377,25 +406,44 @@ class Ledger:
         return records
 
     def active(self) -> list[JobRecord]:
+        """Unfinished jobs, with the tasks given back and those waiting to be claimed."""
         ids = [_s(i) for i in self.r.zrange(self.key("active"), 0, -1)]
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(self.job_key(job_id))
-            pipe.zcard(self.job_key(job_id, "requeue"))
+            pipe.zrange(self.job_key(job_id, "requeue"), 0, -1)
+            pipe.zrange(self.job_key(job_id, "pending"), 0, -1)
         res = pipe.execute()
-        return [_record(h, n) for h, n in zip(res[::2], res[1::2], strict=True) if h]
+        out = []
+        for h, back, pending in zip(res[::3], res[1::3], res[2::3], strict=True):
+            if h:
+                job = _record(h, len(back))
+                job.requeue_tasks = tuple(int(t) for t in back)
+                job.pending_tasks = tuple(int(t) for t in pending)
+                out.append(job)
+        return out
 
     # task life cycle
-    def release(self, job_id: str, n: int, cursor_limit: int | None = None) -> list[int]:
-        """Reserve up to ``n`` tasks of a runnable job: first those given back (pause)
-        or to retry, then the next ones by number, not past ``cursor_limit``."""
+    def release(
+        self,
+        job_id: str,
+        n: int,
+        cells: Sequence[int] | None = None,
+        tasks_per_cell: int | None = None,
+    ) -> list[int]:
+        """Reserve up to ``n`` tasks of a runnable job from ``cells`` (default: all, in
+        order; give ``tasks_per_cell`` with them): first those given back (pause) or to
+        retry, then the next ones of each cell by number."""
+        if cells is None or tasks_per_cell is None:
+            plan = self.get(job_id).plan
+            cells, tasks_per_cell = range(plan.n_cells), plan.tasks_per_cell
         out = self._release(
             keys=[
                 self.job_key(job_id),
                 self.job_key(job_id, "requeue"),
                 self.job_key(job_id, "pending"),
             ],
-            args=[n, 2**62 if cursor_limit is None else cursor_limit, time.time()],
+            args=[n, time.time(), tasks_per_cell, *cells],
         )
         return [int(t) for t in out]
 
@@ -556,7 +604,7 @@ class Ledger:
                 self.key("active"),
                 self.events_key,
             ],
-            args=[job_id, time.time(), len(images), *images, *tasks],
+            args=[job_id, time.time(), len(images), plan.tasks_per_cell, *images, *tasks],
         )
         self.wake()
         return _s(state), int(n)
@@ -601,6 +649,7 @@ def _record(h: dict[Any, Any], requeued: int = 0) -> JobRecord:
         finished_at=_f(h.get("finished_at")),
         last_release=_f(h.get("last_release")),
         extra={"batch_size": int(h.get("batch_size", 0)) or None},
+        cell_cursors={int(k[2:]): int(v) for k, v in h.items() if k.startswith("c:")},
     )
 
 

@@ -11,6 +11,10 @@ Each round, on the leader only (a Redis lease elects one among replicas):
 3. Release: per model queue, runnable jobs get free slots (``capacity`` tasks released and
    unfinished per holder) by priority, fair share among equals, and aging, so the broker
    queue stays shallow and priorities, pause and cancel act within one task.
+
+A job whose sweep spans several models has one lane per model (``job_lanes``): each model's
+share of its backlog counts for that model in placement, and each lane is released into its
+own model's queue, so the models of a sweep render side by side on their own workers.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import os
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -69,11 +75,49 @@ class Lease:
             self.r.delete(self.key)
 
 
-def next_model(job: JobRecord) -> str:
-    """The model of the next task the job would release."""
+@dataclass(frozen=True)
+class Lane:
+    """A job's tasks of one model."""
+
+    cells: tuple[int, ...]  # the cells with tasks left to release, in order
+    unreleased: int  # tasks not released yet, or given back to be released again
+    outstanding: int  # tasks released and not finished
+
+
+def job_lanes(job: JobRecord, claimed: Collection[int] = ()) -> dict[str, Lane]:
+    """The job's tasks by model. ``claimed``: its tasks that workers have claimed and not
+    finished (with the job's ``pending_tasks``, what is outstanding per model)."""
     plan = job.plan
-    task = min(job.cursor, plan.n_tasks - 1)
-    return plan.cell_settings(plan.task(task).cell)["model"]
+    tpc = plan.tasks_per_cell
+    models = plan.spec.sweep.get("model")
+    if models:
+        axis = plan.sweep_keys.index("model")
+        stride = math.prod(plan.sweep_sizes[axis + 1 :])
+
+        def model_of(cell: int) -> str:
+            return str(models[(cell // stride) % len(models)])
+    else:
+
+        def model_of(cell: int) -> str:
+            return plan.spec.model
+
+    back = Counter(t // tpc for t in job.requeue_tasks)
+    unreleased: dict[str, int] = defaultdict(int)
+    cells: dict[str, list[int]] = defaultdict(list)
+    for cell in range(plan.n_cells):
+        lo = cell * tpc
+        left = min(lo + tpc, plan.n_tasks) - job.cell_cursors.get(cell, lo) + back[cell]
+        if left > 0:
+            unreleased[model_of(cell)] += left
+            cells[model_of(cell)].append(cell)
+    names = plan.models()
+    outstanding: dict[str, int] = defaultdict(int)
+    if len(names) == 1:
+        outstanding[names[0]] = job.outstanding
+    else:
+        for t in {*job.pending_tasks, *claimed}:
+            outstanding[model_of(t // tpc)] += 1
+    return {m: Lane(tuple(cells[m]), unreleased[m], outstanding[m]) for m in names}
 
 
 def effective_priority(job: JobRecord, now: float, aging_s: float) -> int:
@@ -114,8 +158,13 @@ class Scheduler:
         # a new leader sends again every release not claimed yet: the one before may have
         # died between releasing a task and sending it (a duplicate is harmless)
         self.resend_stale(jobs, now, 0.0 if not was_leader else self.config.resend_after)
-        holders = self.place(inventories, jobs, now)
-        return self.release(jobs, holders, now)
+        claimed: dict[str, set[int]] = defaultdict(set)
+        for tasks in running.values():
+            for job_id, task_no in tasks:
+                claimed[job_id].add(task_no)
+        lanes = {j.id: job_lanes(j, claimed[j.id]) for j in jobs}
+        holders = self.place(inventories, jobs, now, lanes)
+        return self.release(jobs, holders, now, lanes)
 
     def resend_stale(self, jobs: list[JobRecord], now: float, older_than: float) -> None:
         """Send again the tasks released more than ``older_than`` seconds ago and never
@@ -153,22 +202,40 @@ class Scheduler:
                 )  # fmt: skip
                 log.warning("worker %s is gone; task %s/%s sent again", instance, job_id, task_no)
 
-    def demands(self, jobs: list[JobRecord], inventories: list[dict], now: float) -> list:
+    def demands(
+        self,
+        jobs: list[JobRecord],
+        inventories: list[dict],
+        now: float,
+        lanes: dict[str, dict[str, Lane]],
+    ) -> list:
         per_image = _image_seconds(inventories)
         out = []
         for job in jobs:
-            model = next_model(job)
             s = job.spec
-            key = f"{model}:{s.width}x{s.height}:{s.steps}"
-            secs = per_image.get(key, self.config.default_image_s)
+            job_lanes_ = lanes[job.id]
             left = max(0, job.total - job.done - job.failed)
-            out.append(
-                ModelDemand(model, left * secs, effective_priority(job, now, self.config.aging_s),
-                            job.created_at)
-            )  # fmt: skip
+            for model, lane in job_lanes_.items():
+                if len(job_lanes_) > 1:  # a model's share: its tasks left, at full batches
+                    images = min(left, (lane.unreleased + lane.outstanding) * job.plan.batch_size)
+                else:
+                    images = left
+                key = f"{model}:{s.width}x{s.height}:{s.steps}"
+                secs = per_image.get(key, self.config.default_image_s)
+                out.append(
+                    ModelDemand(model, images * secs,
+                                effective_priority(job, now, self.config.aging_s),
+                                job.created_at)
+                )  # fmt: skip
         return out
 
-    def place(self, inventories: list[dict], jobs: list[JobRecord], now: float) -> dict[str, int]:
+    def place(
+        self,
+        inventories: list[dict],
+        jobs: list[JobRecord],
+        now: float,
+        lanes: dict[str, dict[str, Lane]],
+    ) -> dict[str, int]:
         """Decide and publish assignments; returns the number of holders per model."""
         current = self.assignments.all()
         live = {w["name"] for w in inventories}
@@ -194,7 +261,7 @@ class Scheduler:
                     load_s=load_s,
                 )
             )
-        decision = place(states, self.demands(jobs, inventories, now), now, self.params)
+        decision = place(states, self.demands(jobs, inventories, now, lanes), now, self.params)
         instances = {w["name"]: w.get("instance", "") for w in inventories}
         holders: dict[str, int] = defaultdict(int)
         for name, model in decision.items():
@@ -211,10 +278,18 @@ class Scheduler:
                 holders[model] += 1
         return holders
 
-    def release(self, jobs: list[JobRecord], holders: dict[str, int], now: float) -> int:
-        by_model: dict[str, list[JobRecord]] = defaultdict(list)
+    def release(
+        self,
+        jobs: list[JobRecord],
+        holders: dict[str, int],
+        now: float,
+        lanes: dict[str, dict[str, Lane]],
+    ) -> int:
+        by_model: dict[str, list[tuple[JobRecord, Lane]]] = defaultdict(list)
         for job in jobs:
-            by_model[next_model(job)].append(job)
+            for model, lane in lanes[job.id].items():
+                if lane.unreleased or lane.outstanding:
+                    by_model[model].append((job, lane))
         sent = 0
         for model, group in sorted(by_model.items()):
             views = [
@@ -222,21 +297,18 @@ class Scheduler:
                     id=j.id,
                     priority=effective_priority(j, now, self.config.aging_s),
                     created_at=j.created_at,
-                    outstanding=j.outstanding,
-                    remaining=j.remaining_tasks,
+                    outstanding=lane.outstanding,
+                    remaining=lane.unreleased,
                     level=9 - celery_priority(j.priority),
                 )
-                for j in group
+                for j, lane in group
             ]
             cap = capacity(holders.get(model, 0), self.config.queue_depth)
-            by_id = {j.id: j for j in group}
+            by_id = {j.id: (j, lane) for j, lane in group}
             for job_id, n in plan_releases(views, cap):
-                job = by_id[job_id]
+                job, lane = by_id[job_id]
                 plan = job.plan
-                cell_end = (plan.task(min(job.cursor, plan.n_tasks - 1)).cell + 1) * (
-                    plan.tasks_per_cell
-                )
-                for task_no in self.ledger.release(job_id, n, cursor_limit=cell_end):
+                for task_no in self.ledger.release(job_id, n, lane.cells, plan.tasks_per_cell):
                     task_model = plan.cell_settings(plan.task(task_no).cell)["model"]
                     self._send(job, task_no, task_model)
                     sent += 1

@@ -260,3 +260,24 @@ def test_retry_does_not_requeue_tasks_never_released(
     led.mark(job["id"], [0, 1, 2], ok=False)  # image 2 belongs to task 1, not released yet
     assert led.retry_failed(job["id"]) == ("queued", 3)
     assert led.release(job["id"], 5) == [0, 1]
+
+
+def test_release_keeps_a_cursor_per_cell(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    # 3 cells of 2 tasks (4 images each, 2 per task): the scheduler releases each model's
+    # cells on their own, so a cell can go out before the ones ahead of it
+    job = submit(count=4, batch_size=2, sweep={"cfg_scale": [3, 5, 7]})
+    led = ledger(redis_client, config)
+    assert led.release(job["id"], 3, cells=[2, 0], tasks_per_cell=2) == [4, 5, 0]
+    record = led.get(job["id"])
+    assert record.cell_cursors == {2: 6, 0: 1}
+    assert (record.cursor, record.remaining_tasks) == (3, 3)
+    led.mark(job["id"], [0, 1, 2], ok=False)  # task 0 is out; image 2 is task 1's, not out
+    assert led.retry_failed(job["id"]) == ("queued", 3)
+    assert led.get(job["id"]).requeued == 1  # task 0 only
+    # the task given back belongs to cell 0: releasing cell 1 leaves it
+    assert led.release(job["id"], 5, cells=[1], tasks_per_cell=2) == [2, 3]
+    assert led.release(job["id"], 5) == [0, 1]  # all cells: the given-back task first
+    assert led.release(job["id"], 5) == []
+    assert led.get(job["id"]).remaining_tasks == 0

@@ -79,6 +79,39 @@ def test_each_worker_loads_exactly_what_the_policy_decided(farm: Cluster) -> Non
     assert sum(own.values()) <= 9, "affinity: far fewer loads than jobs switching models"
 
 
+def test_a_sweep_over_models_renders_its_models_side_by_side(farm: Cluster) -> None:
+    """One job sweeping the 3 models: each model's share of it counts for that model in
+    placement and is released into that model's queue, so the models render at the same
+    time, each on its own worker, rather than one after another."""
+    mark = last_event_id(farm.ledger)
+    spec = JobSpec(**{**BASE, "model": "m0", "prompt": "a shape", "seed": 5, "count": 30,
+                      "batch_size": 2, "steps": 8, "sweep": {"model": list(MODELS)}})  # fmt: skip
+    job_id = farm.ledger.create(spec).id
+    job = farm.wait(job_id)
+    assert (job.state, job.done, job.total) == ("done", 90, 90)
+    tpc = job.plan.tasks_per_cell  # cell k (tasks k*tpc...) renders MODELS[k]
+    first_start: dict[str, int] = {}
+    last_end: dict[str, int] = {}
+    models_of: dict[str, set[str]] = {}
+    for i, f in events(farm.ledger, after=mark):
+        if f.get("job") != job_id or "task" not in f:
+            continue
+        model = MODELS[int(f["task"]) // tpc]
+        if f["type"] == "task-started":
+            first_start.setdefault(model, ms(i))
+            models_of.setdefault(f["worker"], set()).add(model)
+        elif f["type"] == "task-finished":
+            last_end[model] = ms(i)
+    t0 = min(first_start.values())
+    print("first task started / last task finished, ms after the job's first start:",
+          {m: (first_start[m] - t0, last_end[m] - t0) for m in MODELS},
+          "models each worker rendered:", models_of)  # fmt: skip
+    assert set(first_start) == set(last_end) == set(MODELS)
+    # every model had started before any model had finished
+    assert max(first_start.values()) < min(last_end.values())
+    assert len(models_of) == 3
+
+
 def test_high_priority_job_starts_within_one_task_and_finishes_first(farm: Cluster) -> None:
     low = submit(farm, "m0", count=40, batch_size=1, steps=10, priority=10)
     wait_for(lambda: farm.ledger.get(low).done >= 4, 120, "low job did not start")
