@@ -17,6 +17,7 @@ twice (a redelivery after a crash) counts nothing twice.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -122,6 +123,15 @@ if state ~= 'queued' and state ~= 'running' then return {} end
 local n = tonumber(ARGV[1])
 local tpc = tonumber(ARGV[3])
 local n_tasks = tonumber(redis.call('HGET', KEYS[1], 'n_tasks'))
+if not redis.call('HGET', KEYS[1], 'percell') then
+  -- a job from before per-cell cursors: its 'cursor' is the next task of all, so tasks
+  -- 0..cursor-1 are out; give the cells it passed their cursors
+  local pos = tonumber(redis.call('HGET', KEYS[1], 'cursor') or 0)
+  for c = 0, math.floor((pos - 1) / tpc) do
+    redis.call('HSET', KEYS[1], 'c:' .. c, math.min(c * tpc + tpc, pos))
+  end
+  redis.call('HSET', KEYS[1], 'percell', 1)
+end
 local out = {}
 for i = 4, #ARGV do
   if #out >= n then break end
@@ -190,6 +200,8 @@ end
 local n_images = tonumber(ARGV[3])
 local cleared = 0
 local tpc = tonumber(ARGV[4])
+local legacy = not redis.call('HGET', KEYS[1], 'percell')
+local pos = tonumber(redis.call('HGET', KEYS[1], 'cursor') or 0)
 for i = 5, 4 + n_images do
   if redis.call('SETBIT', KEYS[2], tonumber(ARGV[i]), 0) == 1 then cleared = cleared + 1 end
 end
@@ -203,6 +215,7 @@ for i = 5 + n_images, #ARGV do
   -- a task its cell's cursor has not reached yet goes out with the cursor anyway
   local cell = math.floor(t / tpc)
   local cur = tonumber(redis.call('HGET', KEYS[1], 'c:' .. cell) or cell * tpc)
+  if legacy then cur = pos end  -- a job from before per-cell cursors
   if t < cur then redis.call('ZADD', KEYS[4], t, t) end
 end
 if state == 'failed' or state == 'done' then
@@ -359,6 +372,7 @@ class Ledger:
             "done": 0,
             "failed": 0,
             "cursor": 0,
+            "percell": 1,  # per-cell cursors ('c:<cell>'); see _RELEASE
             "inflight": 0,
             "tasks_started": 0,
             "tasks_finished": 0,
@@ -649,8 +663,22 @@ def _record(h: dict[Any, Any], requeued: int = 0) -> JobRecord:
         finished_at=_f(h.get("finished_at")),
         last_release=_f(h.get("last_release")),
         extra={"batch_size": int(h.get("batch_size", 0)) or None},
-        cell_cursors={int(k[2:]): int(v) for k, v in h.items() if k.startswith("c:")},
+        cell_cursors=_cell_cursors(h),
     )
+
+
+def _cell_cursors(h: dict[str, str]) -> dict[int, int]:
+    """Each released-from cell's next task never released. A job from before per-cell
+    cursors (no ``percell``) has one cursor over all tasks instead: every cell it passed."""
+    if "percell" in h:
+        return {int(k[2:]): int(v) for k, v in h.items() if k.startswith("c:")}
+    pos, tpc = int(h.get("cursor", 0)), -(-int(h["n_tasks"]) // _n_cells(h))
+    return {c: min(c * tpc + tpc, pos) for c in range(-(-pos // tpc))}
+
+
+def _n_cells(h: dict[str, str]) -> int:
+    spec = json.loads(h["spec"])
+    return math.prod(len(v) for v in (spec.get("sweep") or {}).values())
 
 
 def _set_bits(data: bytes, base: int, total: int) -> Iterator[int]:

@@ -281,3 +281,28 @@ def test_release_keeps_a_cursor_per_cell(
     assert led.release(job["id"], 5) == [0, 1]  # all cells: the given-back task first
     assert led.release(job["id"], 5) == []
     assert led.get(job["id"]).remaining_tasks == 0
+
+
+def test_a_job_from_before_per_cell_cursors_carries_on_where_it_was(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    from scheduler.service import job_lanes
+
+    job = submit(count=4, batch_size=2, sweep={"cfg_scale": [3, 5, 7]})  # 3 cells x 2 tasks
+    led = ledger(redis_client, config)
+    key = led.job_key(job["id"])
+    # as the previous version left it: one cursor over all tasks, tasks 0-2 out
+    redis_client.hdel(key, "percell")
+    redis_client.hset(key, "cursor", 3)
+    record = led.get(job["id"])
+    assert record.cell_cursors == {0: 2, 1: 3} and record.remaining_tasks == 3
+    (active,) = [j for j in led.active() if j.id == job["id"]]
+    assert job_lanes(active)[active.spec.model].cells == (1, 2)
+    led.mark(job["id"], [2, 8], ok=False)  # image 2: task 1 (out); image 8: task 4 (not)
+    assert led.retry_failed(job["id"]) == ("queued", 2)
+    assert led.get(job["id"]).requeued == 1  # task 1 only
+    assert led.release(job["id"], 10) == [1, 3, 4, 5]
+    record = led.get(job["id"])
+    assert record.cell_cursors == {0: 2, 1: 4, 2: 6}
+    assert (record.cursor, record.remaining_tasks) == (6, 0)
+    assert redis_client.hget(key, "percell") == b"1"
