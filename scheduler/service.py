@@ -308,7 +308,9 @@ class Scheduler:
             for job_id, n in plan_releases(views, cap):
                 job, lane = by_id[job_id]
                 plan = job.plan
-                for task_no in self.ledger.release(job_id, n, lane.cells, plan.tasks_per_cell):
+                # each of the lane's cells has a task left: n cells are enough for n tasks
+                cells = lane.cells[:n]
+                for task_no in self.ledger.release(job_id, n, cells, plan.tasks_per_cell):
                     task_model = plan.cell_settings(plan.task(task_no).cell)["model"]
                     self._send(job, task_no, task_model)
                     sent += 1
