@@ -373,6 +373,14 @@ class Plan:
         base.update(self.cell_values(cell))
         return base
 
+    def cell_model(self, cell: int) -> str:
+        """The model cell ``cell`` renders."""
+        return str(self.cell_settings(cell)["model"])
+
+    def task_model(self, task_no: int) -> str:
+        """The model task ``task_no`` renders."""
+        return self.cell_model(self.task(task_no).cell)
+
     def image(self, index: int) -> ImageParams:
         if not 0 <= index < self.total:
             raise IndexError(f"image {index} out of range 0..{self.total - 1}")

@@ -89,18 +89,6 @@ def job_lanes(job: JobRecord, claimed: Collection[int] = ()) -> dict[str, Lane]:
     finished (with the job's ``pending_tasks``, what is outstanding per model)."""
     plan = job.plan
     tpc = plan.tasks_per_cell
-    models = plan.spec.sweep.get("model")
-    if models:
-        axis = plan.sweep_keys.index("model")
-        stride = math.prod(plan.sweep_sizes[axis + 1 :])
-
-        def model_of(cell: int) -> str:
-            return str(models[(cell // stride) % len(models)])
-    else:
-
-        def model_of(cell: int) -> str:
-            return plan.spec.model
-
     back = Counter(t // tpc for t in job.requeue_tasks)
     unreleased: dict[str, int] = defaultdict(int)
     cells: dict[str, list[int]] = defaultdict(list)
@@ -108,15 +96,16 @@ def job_lanes(job: JobRecord, claimed: Collection[int] = ()) -> dict[str, Lane]:
         lo = cell * tpc
         left = min(lo + tpc, plan.n_tasks) - job.cell_cursors.get(cell, lo) + back[cell]
         if left > 0:
-            unreleased[model_of(cell)] += left
-            cells[model_of(cell)].append(cell)
+            model = plan.cell_model(cell)
+            unreleased[model] += left
+            cells[model].append(cell)
     names = plan.models()
     outstanding: dict[str, int] = defaultdict(int)
     if len(names) == 1:
         outstanding[names[0]] = job.outstanding
     else:
         for t in {*job.pending_tasks, *claimed}:
-            outstanding[model_of(t // tpc)] += 1
+            outstanding[plan.task_model(t)] += 1
     return {m: Lane(tuple(cells[m]), unreleased[m], outstanding[m]) for m in names}
 
 
@@ -172,8 +161,7 @@ class Scheduler:
         broker)."""
         for job in jobs:
             for task_no in self.ledger.stale_releases(job.id, older_than, now):
-                model = job.plan.cell_settings(job.plan.task(task_no).cell)["model"]
-                self._send(job, task_no, model)
+                self._send(job, task_no, job.plan.task_model(task_no))
                 self.recovered += 1
                 log.warning("task %s/%s was never claimed; sent again", job.id, task_no)
 
@@ -190,8 +178,7 @@ class Scheduler:
                     continue
                 if job.state not in RUNNABLE:
                     continue
-                model = job.plan.cell_settings(job.plan.task(task_no).cell)["model"]
-                self._send(job, task_no, model)
+                self._send(job, task_no, job.plan.task_model(task_no))
                 self.recovered += 1
                 self.r.xadd(
                     self.ledger.events_key,
@@ -215,9 +202,10 @@ class Scheduler:
             s = job.spec
             job_lanes_ = lanes[job.id]
             left = max(0, job.total - job.done - job.failed)
+            batch = job.plan.batch_size
             for model, lane in job_lanes_.items():
                 if len(job_lanes_) > 1:  # a model's share: its tasks left, at full batches
-                    images = min(left, (lane.unreleased + lane.outstanding) * job.plan.batch_size)
+                    images = min(left, (lane.unreleased + lane.outstanding) * batch)
                 else:
                     images = left
                 key = f"{model}:{s.width}x{s.height}:{s.steps}"
@@ -310,9 +298,9 @@ class Scheduler:
                 plan = job.plan
                 # each of the lane's cells has a task left: n cells are enough for n tasks
                 cells = lane.cells[:n]
+                # the lane's cells, given-back tasks included, are all of this model
                 for task_no in self.ledger.release(job_id, n, cells, plan.tasks_per_cell):
-                    task_model = plan.cell_settings(plan.task(task_no).cell)["model"]
-                    self._send(job, task_no, task_model)
+                    self._send(job, task_no, model)
                     sent += 1
         self.released += sent
         return sent

@@ -24,7 +24,7 @@ def run_render(rt: Runtime, msg: RenderMessage) -> dict[str, Any]:
     job = rt.ledger.get(msg.job_id)
     plan = job.plan
     task = plan.task(msg.task_no)
-    model = plan.cell_settings(task.cell)["model"]
+    model = plan.cell_model(task.cell)
     assigned = rt.assignments.get(rt.name)
     if assigned is None or assigned[0] != model:
         # fetched from a queue this worker is leaving (its consumer follows the
