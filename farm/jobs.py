@@ -17,7 +17,6 @@ twice (a redelivery after a crash) counts nothing twice.
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -644,7 +643,7 @@ def _f(v: Any) -> float | None:
 def _record(h: dict[Any, Any], requeued: int = 0) -> JobRecord:
     h = {_s(k): _s(v) for k, v in h.items()}
     spec = JobSpec.model_construct(**json.loads(h["spec"]))  # validated at submit
-    return JobRecord(
+    job = JobRecord(
         id=h["id"],
         spec=spec,
         state=h["state"],
@@ -663,22 +662,18 @@ def _record(h: dict[Any, Any], requeued: int = 0) -> JobRecord:
         finished_at=_f(h.get("finished_at")),
         last_release=_f(h.get("last_release")),
         extra={"batch_size": int(h.get("batch_size", 0)) or None},
-        cell_cursors=_cell_cursors(h),
     )
+    job.cell_cursors = _cell_cursors(h, job)
+    return job
 
 
-def _cell_cursors(h: dict[str, str]) -> dict[int, int]:
+def _cell_cursors(h: dict[str, str], job: JobRecord) -> dict[int, int]:
     """Each released-from cell's next task never released. A job from before per-cell
     cursors (no ``percell``) has one cursor over all tasks instead: every cell it passed."""
     if "percell" in h:
         return {int(k[2:]): int(v) for k, v in h.items() if k.startswith("c:")}
-    pos, tpc = int(h.get("cursor", 0)), -(-int(h["n_tasks"]) // _n_cells(h))
+    pos, tpc = job.cursor, job.plan.tasks_per_cell
     return {c: min(c * tpc + tpc, pos) for c in range(-(-pos // tpc))}
-
-
-def _n_cells(h: dict[str, str]) -> int:
-    spec = json.loads(h["spec"])
-    return math.prod(len(v) for v in (spec.get("sweep") or {}).values())
 
 
 def _set_bits(data: bytes, base: int, total: int) -> Iterator[int]:
