@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, ImageRequest
+from workers.engine.base import BatchRequest, EngineError
 from workers.engine.names import resolve_schedule
 from workers.engine.samplers import (
     ANCESTRAL,
@@ -251,12 +251,16 @@ class SD1Engine:
         side by side (A1111's long prompts; the UNet attends to any context length). Every
         prompt is padded with empty-prompt chunks to ``chunks`` or to the most any of them
         needs, so the batch has one context length."""
-        per = [self.prompt_chunks(p) for p in prompts]
+        return self.encode_chunks([self.prompt_chunks(p) for p in prompts], chunks)
+
+    @torch.no_grad()
+    def encode_chunks(self, per: list[list[list[int]]], chunks: int = 1) -> Tensor:
+        """``encode_prompts`` on prompts already split by ``prompt_chunks``."""
         n = max(chunks, *(len(c) for c in per))
         empty = self.prompt_chunks("")[0]
         ids = torch.tensor([chunk for c in per for chunk in c + [empty] * (n - len(c))])
         hidden = self.text_encoder(ids.to(self.device))[0]  # (prompts x n, 77, width)
-        return hidden.reshape(len(prompts), n * MAX_TOKENS, hidden.shape[-1])
+        return hidden.reshape(len(per), n * MAX_TOKENS, hidden.shape[-1])
 
     def sigmas(self, batch: BatchRequest) -> Tensor:
         schedule = resolve_schedule(batch.sampler_name, batch.scheduler)
@@ -303,23 +307,20 @@ class SD1Engine:
         # a prompt (or negative prompt) over 75 tokens takes more chunks of context. Images
         # are sampled in groups of one chunk count, so an image's context, and so the image,
         # never depends on the prompts it shares a batch with
-        guided = batch.cfg_scale != 1.0
-        counts = [max(len(self.prompt_chunks(r.prompt)),
-                      len(self.prompt_chunks(r.negative_prompt)) if guided else 1)
-                  for r in batch.images]
+        pos = [self.prompt_chunks(r.prompt) for r in batch.images]
+        neg = ([self.prompt_chunks(r.negative_prompt) for r in batch.images]
+               if batch.cfg_scale != 1.0 else None)
+        counts = [max(len(p), len(neg[i]) if neg else 1) for i, p in enumerate(pos)]
         out = torch.empty_like(x)
         for n in sorted(set(counts)):
             idx = [i for i, c in enumerate(counts) if c == n]
-            out[idx] = self._sample(batch, [batch.images[i] for i in idx], x[idx],
-                                    [gens[i] for i in idx], sigmas, n)
+            cond = self.encode_chunks([pos[i] for i in idx], n)
+            uncond = self.encode_chunks([neg[i] for i in idx], n) if neg else None
+            out[idx] = self._sample(batch, cond, uncond, x[idx], [gens[i] for i in idx], sigmas)
         return out
 
-    def _sample(self, batch: BatchRequest, requests: list[ImageRequest], x: Tensor,
-                gens: list[torch.Generator], sigmas: Tensor, chunks: int) -> Tensor:
-        cond = self.encode_prompts([r.prompt for r in requests], chunks)
-        uncond = None
-        if batch.cfg_scale != 1.0:
-            uncond = self.encode_prompts([r.negative_prompt for r in requests], chunks)
+    def _sample(self, batch: BatchRequest, cond: Tensor, uncond: Tensor | None, x: Tensor,
+                gens: list[torch.Generator], sigmas: Tensor) -> Tensor:
         model = self._denoiser(cond, uncond, batch.cfg_scale)
         sampler = SAMPLER_FUNCTIONS[batch.sampler_name]
         if batch.sampler_name in ANCESTRAL:
