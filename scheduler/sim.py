@@ -177,13 +177,17 @@ class _FarmSim(_Sim):
         farm: SimFarm,
         jobs: Sequence[SimJob],
         params: PlacementParams,
-        clairvoyant: bool = False,
+        notice_s: float = 0.0,
     ):
         super().__init__(farm, jobs)
         self.params = params
-        # a reference, not a policy: placement is told every job from t=0 (it still cannot
-        # render one before it arrives)
-        self.future = sorted(jobs, key=lambda j: (j.arrival, j.id)) if clairvoyant else []
+        # a reference, not a policy: placement is told of each job notice_s before it
+        # arrives (it still cannot render one before then), and replans when it is told
+        self.notice_s = notice_s
+        self.future = sorted(jobs, key=lambda j: (j.arrival, j.id)) if notice_s > 0 else []
+        for j in self.future:
+            if 0 < j.arrival - notice_s:
+                self.push(j.arrival - notice_s, "tick", None)
 
     def demands(self) -> list[ModelDemand]:
         by_model: dict[str, list[tuple[SimJob, int]]] = {}
@@ -191,7 +195,7 @@ class _FarmSim(_Sim):
             if j.unfinished > 0:
                 by_model.setdefault(j.spec.model, []).append((j.spec, j.unfinished))
         for spec in self.future:
-            if spec.id not in self.jobs:
+            if spec.id not in self.jobs and spec.arrival - self.notice_s <= self.now:
                 by_model.setdefault(spec.model, []).append((spec, spec.images))
         return [
             ModelDemand(
@@ -283,15 +287,19 @@ def simulate(
     jobs: Sequence[SimJob],
     params: PlacementParams | None = None,
     clairvoyant: bool = False,
+    notice_s: float = 0.0,
 ) -> SimResult:
     """The farm's policy: ``placement.place`` decides, per-model queues feed the workers.
-    With ``clairvoyant``, placement sees every job's work from t=0, as if each had been
-    announced in advance: a reference for how much of the gap to an offline bound is what
-    an online farm cannot know."""
+
+    References for how much of the gap to an offline bound is what an online farm cannot
+    know: with ``notice_s``, placement is told of each job that many seconds before it
+    arrives (as if it had been announced); with ``clairvoyant``, from t=0."""
     params = params or PlacementParams(
         default_load_s=farm.default_load_s, ram_factor=farm.ram_factor
     )
-    sim = _FarmSim(farm, jobs, params, clairvoyant)
+    if notice_s < 0:
+        raise ValueError("notice_s must be at least 0")
+    sim = _FarmSim(farm, jobs, params, math.inf if clairvoyant else notice_s)
     return sim.run(sim.step)
 
 

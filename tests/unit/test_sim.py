@@ -105,3 +105,22 @@ def test_clairvoyant_reference_loads_before_the_job_arrives():
     assert online.finish_s["late"] > 100 + 30 + 32
     assert told.loads == 3
     assert told.finish_s["late"] == 100 + 32
+
+
+def test_notice_tells_placement_of_a_job_that_long_before_it_arrives():
+    # the jobs of the test above. Told of "late" 50 s ahead, the second worker leaves m in
+    # time to have loaded n (30 s) when the job comes, so the job finishes as when told at
+    # t=0, but that worker had taken m first (4 loads, not 3); told 10 s ahead it starts
+    # loading at t=90 and the job waits for the rest of the load
+    jobs = [SimJob("big", "m", 400), SimJob("late", "n", 16, arrival=100.0)]
+    params = PlacementParams(default_load_s=30.0, hysteresis=1.0)
+    online = simulate(farm(2), jobs, params)
+    told = simulate(farm(2), jobs, params, clairvoyant=True)
+    ahead = simulate(farm(2), jobs, params, notice_s=50.0)
+    short = simulate(farm(2), jobs, params, notice_s=10.0)
+    assert ahead.finish_s["late"] == told.finish_s["late"] == 100 + 32
+    assert (ahead.loads, told.loads) == (4, 3)
+    assert 100 + 32 < short.finish_s["late"] < online.finish_s["late"]
+    assert simulate(farm(2), jobs, params, notice_s=0.0) == online
+    with pytest.raises(ValueError, match="notice_s"):
+        simulate(farm(2), jobs, params, notice_s=-1.0)
