@@ -3,9 +3,11 @@
     python -m workers.demo.train --config full --out DIR --seed 0
 
 Stages: (1) the VAE on pictures (L1 + MSE per pixel, KL weighed per pixel too), (2) the
-UNet and the CLIP text encoder together on latents pre-encoded by the frozen VAE (epsilon
-prediction weighted towards high noise, 10% empty captions for classifier-free guidance, EMA
-weights), (3) the decoder alone on those latents. The result is one original-layout
+pictures encoded once by the frozen VAE, (3) the UNet and the CLIP text encoder together on
+those latents (epsilon prediction weighted towards high noise, 10% empty captions for
+classifier-free guidance, EMA weights), (4) the decoder alone on those latents, (5) position
+words: the UNet and text encoder learn that the word, not the lumps of the start noise,
+decides where the shape goes (``train_position``). The result is one original-layout
 single-file checkpoint (fp16, configs in the safetensors metadata) that
 ``workers.engine.loader.load_engine`` loads like any SD1 file.
 
@@ -70,6 +72,16 @@ class TrainConfig:
     text_encoder_lr_scale: float = 1.0
     ema_decay: float = 0.995
     warmup_steps: int = 100
+    # stage 5, position words (see train_position): steps, lesson pairs drawn for it,
+    # peak learning rate (warm-up, cosine to 10%; the text encoder at the same rate), share
+    # of each batch that is a placement lesson, the lowest timestep of a lesson, and the
+    # lessons' loss weight against the plain half's
+    position_steps: int = 0
+    position_pairs: int = 3000
+    position_lr: float = 2e-4
+    position_share: float = 0.5
+    position_min_t: int = 700
+    position_lesson_weight: float = 2.0
     # torch threads. Spinning OpenMP threads ran 4-12x slower per step on a shared machine
     # (load 16); OMP_WAIT_POLICY=PASSIVE, set above, makes them sleep instead
     threads: int = 1
@@ -91,6 +103,7 @@ CONFIGS: dict[str, TrainConfig] = {
         log_every=25,
         max_loss_weight=3.0,
         text_encoder_lr_scale=0.1,
+        position_steps=400,
         threads=2,
     ),
     "smoke": TrainConfig(
@@ -107,12 +120,23 @@ CONFIGS: dict[str, TrainConfig] = {
         decoder_lr=1e-4,
         log_every=5,
         warmup_steps=5,
+        position_steps=4,
+        position_pairs=48,
         vae_config=dict(M.SMOKE_VAE_CONFIG),
         unet_config=dict(M.SMOKE_UNET_CONFIG),
         text_encoder_config=dict(M.SMOKE_TEXT_ENCODER_CONFIG),
     ),
 }
 CHECKPOINT_NAME = "demo-shapes.safetensors"
+STAGES = ["vae", "encode", "unet", "decoder", "position", "done"]
+# a placement lesson noises a picture of the same caption drawn in the opposite place
+OPPOSITE = {
+    "left": ("right",),
+    "right": ("left",),
+    "top": ("bottom",),
+    "bottom": ("top",),
+    "center": ("left", "right", "top", "bottom"),
+}
 
 
 class Clock:
@@ -145,7 +169,12 @@ class Trainer:
         )
         self.gen = torch.Generator().manual_seed(seed + 1)  # batches, noise, timesteps
         self.stage, self.step = "vae", 0
-        self.losses: dict[str, list[tuple[int, float]]] = {"vae": [], "unet": [], "decoder": []}
+        self.losses: dict[str, list[tuple[int, float]]] = {
+            "vae": [],
+            "unet": [],
+            "decoder": [],
+            "position": [],
+        }
         self.opt: Any = None
         self.ema: dict[str, Any] | None = None
         self.latents: Any = None  # (n, 2, C, h, w): posterior mean and std
@@ -204,7 +233,8 @@ class Trainer:
         self.vae.load_state_dict(state["vae"])
         self.unet.load_state_dict(state["unet"])
         self.text_encoder.load_state_dict(state["text_encoder"])
-        self.stage, self.step, self.losses = state["stage"], state["step"], state["losses"]
+        self.stage, self.step = state["stage"], state["step"]
+        self.losses.update(state["losses"])
         self.ema = state["ema"]
         if (self.out / "latents.pt").exists():
             self.latents = torch.load(self.out / "latents.pt")
@@ -215,13 +245,19 @@ class Trainer:
         self.log(f"resumed at stage {self.stage} step {self.step}")
         return True
 
-    def make_optimizer(self, groups: list[tuple[list[Any], float]], lr: float) -> None:
+    def make_optimizer(
+        self,
+        groups: list[tuple[list[Any], float]],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ) -> None:
         """AdamW over (tensors, scale) groups, each learning at ``lr`` times its scale."""
         self.opt = self.torch.optim.AdamW(
-            [{"params": params, "lr_scale": scale} for params, scale in groups],
+            [{"params": params, "lr_scale": scale, "lr": lr * scale} for params, scale in groups],
             lr=lr,
-            betas=(0.9, 0.99),
-            weight_decay=0.0,
+            betas=betas,
+            weight_decay=weight_decay,
         )
         pending = getattr(self, "_pending_opt", None)
         if pending is not None:
@@ -301,16 +337,23 @@ class Trainer:
             self.maybe_save()
         self.vae.eval().requires_grad_(False)
 
-    def encode_dataset(self) -> None:
-        """Posterior mean and std of every picture; sets the VAE's scaling factor."""
+    def encode_pictures(self, pictures: Any) -> Any:
+        """(n, 2, C, h, w): the VAE's posterior mean and std of uint8 (n, H, W, 3) pictures,
+        256 at a time."""
         torch = self.torch
         chunks = []
         with torch.no_grad():
-            for start in range(0, self.cfg.n_images, 256):
-                idx = torch.arange(start, min(start + 256, self.cfg.n_images))
-                post = self.vae.encode(self.pixels(idx)).latent_dist
+            for start in range(0, len(pictures), 256):
+                x = torch.from_numpy(np.asarray(pictures[start : start + 256]))
+                x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                post = self.vae.encode(x).latent_dist
                 chunks.append(torch.stack([post.mean, post.std], dim=1))
-        self.latents = torch.cat(chunks)
+        return torch.cat(chunks)
+
+    def encode_dataset(self) -> None:
+        """Posterior mean and std of every picture; sets the VAE's scaling factor."""
+        torch = self.torch
+        self.latents = self.encode_pictures(self.images)
         torch.save(self.latents, self.out / "latents.pt")  # written once, read on resume
         std = float(self.latents[:, 0].std())
         self.vae.register_to_config(scaling_factor=1.0 / std)
@@ -339,12 +382,12 @@ class Trainer:
         z = lat[:, 0] + lat[:, 1] * self.torch.randn(lat[:, 0].shape, generator=self.gen)
         return z * self.vae.config.scaling_factor
 
-    def tokenize_captions(self) -> tuple[Any, Any]:
+    def tokenize_captions(self, captions: list[str] | None = None) -> tuple[Any, Any]:
         from workers.engine.sd1 import MAX_TOKENS, load_tokenizer
 
         tok = load_tokenizer()
         ids = tok(
-            self.captions,
+            self.captions if captions is None else captions,
             padding="max_length",
             max_length=MAX_TOKENS,
             truncation=True,
@@ -355,11 +398,30 @@ class Trainer:
         ).input_ids
         return ids, empty
 
+    def ema_modules(self) -> tuple[tuple[str, Any], ...]:
+        return (("unet.", self.unet), ("text_encoder.", self.text_encoder))
+
+    def ema_start(self) -> None:
+        """The EMA of the UNet's and text encoder's weights starts at their values now."""
+        self.ema = {
+            prefix + name: p.detach().clone()
+            for prefix, mod in self.ema_modules()
+            for name, p in mod.named_parameters()
+        }
+
+    def ema_apply(self) -> None:
+        """Copy the EMA weights into the UNet and text encoder."""
+        assert self.ema is not None
+        with self.torch.no_grad():
+            for prefix, mod in self.ema_modules():
+                for name, p in mod.named_parameters():
+                    p.copy_(self.ema[prefix + name])
+
     def ema_update(self, decay: float) -> None:
         torch = self.torch
         assert self.ema is not None
         with torch.no_grad():
-            for prefix, mod in (("unet.", self.unet), ("text_encoder.", self.text_encoder)):
+            for prefix, mod in self.ema_modules():
                 for name, p in mod.named_parameters():
                     self.ema[prefix + name].lerp_(p.detach(), 1 - decay)
 
@@ -382,13 +444,7 @@ class Trainer:
             [(unet_params, 1.0), (text_params, cfg.text_encoder_lr_scale)], cfg.unet_lr
         )
         if self.ema is None:
-            self.ema = {f"unet.{k}": v.detach().clone() for k, v in self.unet.named_parameters()}
-            self.ema.update(
-                {
-                    f"text_encoder.{k}": v.detach().clone()
-                    for k, v in self.text_encoder.named_parameters()
-                }
-            )
+            self.ema_start()
         if self.step == 0:
             self.gen.manual_seed(self.seed + 2)  # a stage's randomness depends on the seed only
         window: list[float] = []
@@ -419,18 +475,148 @@ class Trainer:
                 self.record("unet", window)
                 window = []
             self.maybe_save()
-        # the checkpoint carries the EMA weights
-        with torch.no_grad():
-            for prefix, mod in (("unet.", self.unet), ("text_encoder.", self.text_encoder)):
-                for name, p in mod.named_parameters():
-                    p.copy_(self.ema[prefix + name])
+        self.ema_apply()  # the checkpoint carries the EMA weights
+        self.unet.eval().requires_grad_(False)
+        self.text_encoder.eval().requires_grad_(False)
+
+    def position_data(self) -> tuple[Any, Any, Any, Any]:
+        """``position_pairs`` pictures with a position word, each with a picture of the
+        same caption (colours, shape, size word) drawn in the opposite place, both encoded
+        by the frozen VAE (posterior mean, scaled): (named latents, opposite latents,
+        caption ids, empty caption ids)."""
+        from workers.demo.dataset import POSITIONS, render, sample_spec
+
+        cfg = self.cfg
+        rng = random.Random(self.seed + 5)
+        named, opposite = [], []
+        for _ in range(cfg.position_pairs):
+            spec = sample_spec(rng, position=rng.choice(POSITIONS))
+            named.append(spec)
+            opposite.append(
+                sample_spec(
+                    rng,
+                    size=spec.size,
+                    position=rng.choice(OPPOSITE[spec.position]),
+                    fg=spec.fg,
+                    bg=spec.bg,
+                    shape=spec.shape,
+                )
+            )
+        scale = self.vae.config.scaling_factor
+
+        def encode(specs: list[Any]) -> Any:
+            pictures = np.stack([np.asarray(render(s)) for s in specs])
+            return self.encode_pictures(pictures)[:, 0] * scale
+
+        ids, empty = self.tokenize_captions([s.caption for s in named])
+        return encode(named), encode(opposite), ids, empty
+
+    def train_position(self) -> None:
+        """Stage 5: position words. The SD1 schedule leaves 6.8% of the picture in the
+        noise at its last timestep, so on every training picture the noise shows where the
+        shape is, always on the side the word names, and the word is never needed; when
+        sampling starts from pure noise, its random lumps place the shape. Here part of
+        each batch (``position_share``) is a placement lesson on a caption with a position
+        word: the noise at timestep ``position_min_t``..999 is laid over a picture of the
+        same caption drawn in the opposite place, and the target is the noise that turns
+        the named picture into that input. The model learns that the word, not a lump in
+        the other half, decides the side. The rest of the batch is the usual denoising
+        loss on the data set (posterior means), so colours and shapes are kept. The stage
+        starts from the weights as the checkpoint stores them (fp16), so running it on a
+        stage-4 checkpoint (``--from-checkpoint``) is this stage of the full run, but for
+        the plain half's latents, which the checkpoint's fp16 encoder makes there. AdamW
+        with betas (0.9, 0.999) and weight decay 0.01, warm-up and cosine decay of the
+        learning rate, no EMA: ``MODEL_CARD.md`` has what the alternatives measured."""
+        torch, cfg = self.torch, self.cfg
+        from workers.engine.samplers import alphas_cumprod
+
+        if self.step == 0:
+            with torch.no_grad():
+                for mod in (self.unet, self.text_encoder, self.vae):
+                    for p in mod.parameters():
+                        p.copy_(p.half().float())
+        self.vae.eval().requires_grad_(False)
+        named, opposite, lesson_ids, empty = self.position_data()
+        self.log(f"position lessons: {len(named)} pairs drawn and encoded")
+        plain = self.latents[:, 0] * self.vae.config.scaling_factor
+        ids, _ = self.tokenize_captions()
+        sc = M.SCHEDULER_CONFIG
+        acp = alphas_cumprod(sc["beta_start"], sc["beta_end"], sc["num_train_timesteps"]).float()
+        weight = torch.clamp((1 - acp) / acp, min=1.0, max=cfg.max_loss_weight)
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.unet.train().requires_grad_(True)
+        self.text_encoder.train().requires_grad_(True)
+        self.make_optimizer([(params, 1.0)], cfg.position_lr, (0.9, 0.999), 0.01)
+        if self.step == 0:
+            self.gen.manual_seed(self.seed + 4)
+        n_lesson = round(cfg.unet_batch * cfg.position_share)
+        n_plain = cfg.unet_batch - n_lesson
+        total_t = sc["num_train_timesteps"]
+        window: list[float] = []
+        while self.step < cfg.position_steps:
+            self.set_lr(cfg.position_lr, self.step, cfg.position_steps)
+            idx = torch.randint(0, len(plain), (n_plain,), generator=self.gen)
+            tokens = ids[idx].clone()
+            tokens[torch.rand(n_plain, generator=self.gen) < cfg.uncond_prob] = empty
+            t = torch.randint(0, total_t, (n_plain,), generator=self.gen)
+            noise = torch.randn(plain[idx].shape, generator=self.gen)
+            a = acp[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * plain[idx] + (1 - a).sqrt() * noise
+            k = torch.randint(0, len(named), (n_lesson,), generator=self.gen)
+            lt = torch.randint(cfg.position_min_t, total_t, (n_lesson,), generator=self.gen)
+            lnoise = torch.randn(named[k].shape, generator=self.gen)
+            b = acp[lt].view(-1, 1, 1, 1)
+            lesson = b.sqrt() * opposite[k] + (1 - b).sqrt() * lnoise
+            # the noise that turns the named picture into the lesson's input
+            ltarget = (lesson - b.sqrt() * named[k]) / (1 - b).sqrt()
+            cond = self.text_encoder(torch.cat([tokens, lesson_ids[k]]))[0]
+            pred = self.unet(
+                torch.cat([xt, lesson]), torch.cat([t, lt]), encoder_hidden_states=cond
+            ).sample
+            per_sample = (pred - torch.cat([noise, ltarget])).pow(2).mean(dim=(1, 2, 3))
+            share = torch.ones(cfg.unet_batch)
+            share[n_plain:] = cfg.position_lesson_weight
+            loss = (per_sample * weight[torch.cat([t, lt])] * share).mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.opt.step()
+            self.step += 1
+            window.append(per_sample[:n_plain].mean().item())  # the plain eps MSE
+            if self.step % cfg.log_every == 0 or self.step == cfg.position_steps:
+                self.record("position", window)
+                window = []
+            self.maybe_save()
         self.unet.eval().requires_grad_(False)
         self.text_encoder.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ driver
 
-    def run(self) -> Path:
+    def start_from_checkpoint(self, path: Path) -> None:
+        """Take the weights of a single-file checkpoint (as this script exports them) and
+        go on from stage 5, as the full run does after stage 4."""
+        from workers.engine.sd1 import load_components
+
+        comp = load_components(path)
+        self.vae.register_to_config(scaling_factor=comp.vae.config.scaling_factor)
+        for mine, theirs in (
+            (self.vae, comp.vae),
+            (self.unet, comp.unet),
+            (self.text_encoder, comp.text_encoder),
+        ):
+            mine.load_state_dict(theirs.state_dict())
+        # the plain half of stage 5 draws on the data set's latents; the full run has them
+        # from stage 2 (encoded before the fp16 rounding), here the checkpoint's encoder
+        # makes them, keeping its scaling factor
+        self.latents = self.encode_pictures(self.images)
+        self.torch.save(self.latents, self.out / "latents.pt")
+        self.stage, self.step = "position", 0
+        self.log(f"starting at stage position from {path}")
+
+    def run(self, from_checkpoint: Path | None = None) -> Path:
         resumed = self.resume()
+        if not resumed and from_checkpoint is not None:
+            self.start_from_checkpoint(from_checkpoint)
         if not resumed:
             self.log(f"config {self.cfg.name} seed {self.seed}: {json.dumps(asdict(self.cfg))}")
             self.log(
@@ -439,7 +625,6 @@ class Trainer:
                 f"{M.count_parameters(self.text_encoder):,}; torch threads "
                 f"{self.torch.get_num_threads()}"
             )
-        order = ["vae", "encode", "unet", "decoder", "done"]
         if self.stage == "vae":
             self.train_vae()
             self.stage, self.step, self.opt = "encode", 0, None
@@ -456,9 +641,14 @@ class Trainer:
         if self.stage == "decoder":
             if self.cfg.decoder_steps:
                 self.train_vae(decoder_only=True)
+            self.stage, self.step, self.opt = "position", 0, None
+            self.save_state()
+        if self.stage == "position":
+            if self.cfg.position_steps:
+                self.train_position()
             self.stage, self.step, self.opt = "done", 0, None
             self.save_state()
-        assert self.stage in order
+        assert self.stage in STAGES
         path = export_checkpoint(self.out / CHECKPOINT_NAME, self.unet, self.vae, self.text_encoder)
         (self.out / "losses.json").write_text(json.dumps(self.losses))
         plot_losses(self.losses, self.out / "loss_curve.png")
@@ -508,7 +698,7 @@ def plot_losses(losses: dict[str, list[tuple[int, float]]], path: Path) -> None:
     """One panel per stage, log-scale loss against step, drawn with PIL."""
     from PIL import Image, ImageDraw
 
-    stages = [s for s in ("vae", "unet", "decoder") if losses.get(s)]
+    stages = [s for s in ("vae", "unet", "decoder", "position") if losses.get(s)]
     w, h, pad = 360, 240, 40
     img = Image.new("RGB", (w * max(len(stages), 1), h), "white")
     draw = ImageDraw.Draw(img)
@@ -549,11 +739,17 @@ def main(argv: list[str] | None = None) -> int:
         default=300.0,
         help="seconds between resumable state saves (default 300)",
     )
+    parser.add_argument(
+        "--from-checkpoint",
+        type=Path,
+        help="start at stage 5 (position words) from the weights of this checkpoint, as this "
+        "script exports them after stage 4",
+    )
     args = parser.parse_args(argv)
     random.seed(args.seed)
     np.random.seed(args.seed)
     trainer = Trainer(CONFIGS[args.config], args.out, args.seed, args.save_every)
-    trainer.run()
+    trainer.run(args.from_checkpoint)
     return 0
 
 
