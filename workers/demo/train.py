@@ -80,7 +80,7 @@ class TrainConfig:
     position_pairs: int = 3000
     position_lr: float = 2e-4
     position_share: float = 0.5
-    position_min_t: int = 700
+    position_min_t: int = 800
     position_lesson_weight: float = 2.0
     # torch threads. Spinning OpenMP threads ran 4-12x slower per step on a shared machine
     # (load 16); OMP_WAIT_POLICY=PASSIVE, set above, makes them sleep instead
