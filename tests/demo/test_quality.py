@@ -103,12 +103,6 @@ def test_size_words(engine: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert report["large_median_px"] >= 2 * report["small_median_px"]
 
 
-@pytest.mark.xfail(
-    reason="position words have no measurable effect on the committed checkpoint: the shape "
-    "lands where the seed puts it without the word (layout read from the start noise, see "
-    "MODEL_CARD.md)",
-    strict=False,
-)
 def test_position_words(engine: Any, capsys: pytest.CaptureFixture[str]) -> None:
     report, _ = position_report(engine, DEFAULT_CFG_SCALE)
     _show(
@@ -145,9 +139,10 @@ def test_every_word_kind_conditions_the_model(
 def test_noise_at_the_last_timestep_still_shows_the_layout(
     engine: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The cause the model card gives for position words being ignored: under the SD1
+    """Why the training script needs its placement lessons (stage 5): under the SD1
     schedule a picture noised to t = 999 can still be told from its mirror image far more
-    often than chance, and less so the more noise there is."""
+    often than chance, and less so the more noise there is, so the plain denoising loss
+    lets the model take the layout from the noise instead of from a position word."""
     from workers.demo.probe import layout_leak
 
     leak = layout_leak(engine, pictures=128)
