@@ -16,6 +16,7 @@ twice (a redelivery after a crash) counts nothing twice.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -229,6 +230,25 @@ return {state, cleared}
 """
 
 
+# KEYS: job, requeue, pending   ARGV: 1 to include the spec
+# -> {fields and values, tasks given back, tasks released and not claimed}. The spec never
+# changes after submit and can be large: the scheduler reads it once per job and keeps it.
+_ACTIVE_VIEW = """
+local h = redis.call('HGETALL', KEYS[1])
+if ARGV[1] ~= '1' then
+  local out = {}
+  for i = 1, #h, 2 do
+    if h[i] ~= 'spec' then
+      out[#out + 1] = h[i]
+      out[#out + 1] = h[i + 1]
+    end
+  end
+  h = out
+end
+return {h, redis.call('ZRANGE', KEYS[2], 0, -1), redis.call('ZRANGE', KEYS[3], 0, -1)}
+"""
+
+
 class JobNotFound(KeyError):
     pass
 
@@ -258,7 +278,7 @@ class JobRecord:
     requeue_tasks: tuple[int, ...] = ()  # the tasks given back (``Ledger.active`` only)
     pending_tasks: tuple[int, ...] = ()  # released, not claimed yet (``Ledger.active`` only)
 
-    @property
+    @functools.cached_property
     def plan(self) -> Plan:
         return Plan(self.spec, self.extra.get("batch_size"))
 
@@ -320,6 +340,8 @@ class Ledger:
         self._release = client.register_script(_RELEASE)
         self._transition = client.register_script(_TRANSITION)
         self._retry = client.register_script(_RETRY)
+        self._active_view = client.register_script(_ACTIVE_VIEW)
+        self._specs: dict[str, JobSpec] = {}  # active job -> its spec (see ``active``)
 
     # keys
     def key(self, *parts: str) -> str:
@@ -419,21 +441,34 @@ class Ledger:
         return records
 
     def active(self) -> list[JobRecord]:
-        """Unfinished jobs, with the tasks given back and those waiting to be claimed."""
+        """Unfinished jobs, with the tasks given back and those waiting to be claimed.
+
+        One round trip. A job's spec is read once and kept while the job is active: it
+        never changes after submit and can be large (up to ``max_prompts`` prompts)."""
         ids = [_s(i) for i in self.r.zrange(self.key("active"), 0, -1)]
+        known = self._specs
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hgetall(self.job_key(job_id))
-            pipe.zrange(self.job_key(job_id, "requeue"), 0, -1)
-            pipe.zrange(self.job_key(job_id, "pending"), 0, -1)
-        res = pipe.execute()
-        out = []
-        for h, back, pending in zip(res[::3], res[1::3], res[2::3], strict=True):
-            if h:
-                job = _record(h, len(back))
-                job.requeue_tasks = tuple(int(t) for t in back)
-                job.pending_tasks = tuple(int(t) for t in pending)
-                out.append(job)
+            self._active_view(
+                keys=[
+                    self.job_key(job_id),
+                    self.job_key(job_id, "requeue"),
+                    self.job_key(job_id, "pending"),
+                ],
+                args=[0 if job_id in known else 1],
+                client=pipe,
+            )
+        out, specs = [], {}
+        for job_id, (flat, back, pending) in zip(ids, pipe.execute(), strict=True):
+            if not flat:
+                continue
+            h = dict(zip(flat[::2], flat[1::2], strict=True))
+            job = _record(h, len(back), known.get(job_id))
+            job.requeue_tasks = tuple(int(t) for t in back)
+            job.pending_tasks = tuple(int(t) for t in pending)
+            specs[job_id] = job.spec
+            out.append(job)
+        self._specs = specs  # finished jobs drop out
         return out
 
     # task life cycle
@@ -491,15 +526,27 @@ class Ledger:
         )
         return int(res) >= 0
 
-    def stale_releases(self, job_id: str, older_than: float, now: float) -> list[int]:
-        """Tasks released before ``older_than`` seconds ago that no worker has claimed:
-        a scheduler died between releasing and sending them, or the message was lost.
-        Their release time is renewed, as they are about to be sent again."""
-        key = self.job_key(job_id, "pending")
-        stale = [int(t) for t in self.r.zrangebyscore(key, "-inf", now - older_than)]
-        if stale:
-            self.r.zadd(key, {str(t): now for t in stale}, xx=True)
-        return stale
+    def stale_releases(
+        self, job_ids: Sequence[str], older_than: float, now: float
+    ) -> dict[str, list[int]]:
+        """Per job, the tasks released before ``older_than`` seconds ago that no worker has
+        claimed: a scheduler died between releasing and sending them, or the message was
+        lost. Their release time is renewed, as they are about to be sent again. Two round
+        trips whatever the number of jobs."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.zrangebyscore(self.job_key(job_id, "pending"), "-inf", now - older_than)
+        found = {
+            job_id: [int(t) for t in got]
+            for job_id, got in zip(job_ids, pipe.execute(), strict=True)
+            if got
+        }
+        if found:
+            pipe = self.r.pipeline(transaction=False)
+            for job_id, stale in found.items():
+                pipe.zadd(self.job_key(job_id, "pending"), {str(t): now for t in stale}, xx=True)
+            pipe.execute()
+        return found
 
     def running(self) -> dict[str, list[tuple[str, int]]]:
         """Claimed, unfinished tasks by worker instance."""
@@ -640,9 +687,10 @@ def _f(v: Any) -> float | None:
     return float(v) if v not in (None, b"", "") else None
 
 
-def _record(h: dict[Any, Any], requeued: int = 0) -> JobRecord:
+def _record(h: dict[Any, Any], requeued: int = 0, spec: JobSpec | None = None) -> JobRecord:
     h = {_s(k): _s(v) for k, v in h.items()}
-    spec = JobSpec.model_construct(**json.loads(h["spec"]))  # validated at submit
+    if spec is None:
+        spec = JobSpec.model_construct(**json.loads(h["spec"]))  # validated at submit
     job = JobRecord(
         id=h["id"],
         spec=spec,

@@ -131,6 +131,7 @@ class Scheduler:
         self.released = 0
         self.recovered = 0
         self.leader = False
+        self.last_stale_scan = -math.inf
 
     # one round
     def tick(self, now: float | None = None) -> int:
@@ -145,8 +146,13 @@ class Scheduler:
         self.recover(running, inventories)
         jobs = [j for j in self.ledger.active() if j.state in RUNNABLE]
         # a new leader sends again every release not claimed yet: the one before may have
-        # died between releasing a task and sending it (a duplicate is harmless)
-        self.resend_stale(jobs, now, 0.0 if not was_leader else self.config.resend_after)
+        # died between releasing a task and sending it (a duplicate is harmless); after
+        # that, a look every quarter of resend_after is enough (a task is sent again
+        # between 1 and 1.25 resend_after after its release) and keeps rounds cheap
+        if not was_leader:
+            self.resend_stale(jobs, now, 0.0)
+        elif now - self.last_stale_scan >= self.config.resend_after / 4:
+            self.resend_stale(jobs, now, self.config.resend_after)
         claimed: dict[str, set[int]] = defaultdict(set)
         for tasks in running.values():
             for job_id, task_no in tasks:
@@ -159,8 +165,11 @@ class Scheduler:
         """Send again the tasks released more than ``older_than`` seconds ago and never
         claimed (a scheduler that died between release and send, a message lost by the
         broker)."""
-        for job in jobs:
-            for task_no in self.ledger.stale_releases(job.id, older_than, now):
+        self.last_stale_scan = now
+        by_id = {j.id: j for j in jobs}
+        for job_id, tasks in self.ledger.stale_releases(list(by_id), older_than, now).items():
+            job = by_id[job_id]
+            for task_no in tasks:
                 self._send(job, task_no, job.plan.task_model(task_no))
                 self.recovered += 1
                 log.warning("task %s/%s was never claimed; sent again", job.id, task_no)
