@@ -426,19 +426,33 @@ class Ledger:
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self.job_key(job_id)))
 
-    def list(self, limit: int = 50, offset: int = 0, state: str | None = None) -> list[JobRecord]:
-        ids = (
-            self.r.zrevrange(self.key("jobs"), 0, -1)
-            if state
-            else self.r.zrevrange(self.key("jobs"), offset, offset + limit - 1)
-        )
+    def list(
+        self, limit: int = 50, offset: int = 0, state: str | None = None, chunk: int = 256
+    ) -> list[JobRecord]:
+        """Jobs newest first. With ``state``, only the jobs in it: unfinished states are
+        looked for among the active jobs only, finished ones among all jobs, ``chunk`` at
+        a time (doubling) until ``offset + limit`` are found."""
+        if not state:
+            return self._records(self.r.zrevrange(self.key("jobs"), offset, offset + limit - 1))
+        source = self.key("jobs" if state in TERMINAL else "active")
+        found: dict[str, JobRecord] = {}  # by id: a job submitted meanwhile shifts the pages
+        pos = 0
+        while len(found) < offset + limit:
+            ids = self.r.zrevrange(source, pos, pos + chunk - 1)
+            if not ids:
+                break
+            pos += len(ids)
+            for job in self._records(ids):
+                if job.state == state:
+                    found.setdefault(job.id, job)
+            chunk *= 2
+        return [*found.values()][offset : offset + limit]
+
+    def _records(self, ids: Sequence[Any]) -> list[JobRecord]:
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(self.job_key(_s(job_id)))
-        records = [_record(h) for h in pipe.execute() if h]
-        if state:
-            records = [j for j in records if j.state == state][offset : offset + limit]
-        return records
+        return [_record(h) for h in pipe.execute() if h]
 
     def active(self) -> list[JobRecord]:
         """Unfinished jobs, with the tasks given back and those waiting to be claimed.

@@ -85,6 +85,24 @@ def test_list_filters_by_state(submit: Submit, client: TestClient) -> None:
     assert client.get("/v1/jobs", params={"state": ""}).status_code == 200
 
 
+def test_list_by_state_pages_through_chunks(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    led = ledger(redis_client, config)
+    ids = [submit()["id"] for _ in range(11)]
+    for i in (1, 2, 4, 7, 8, 10):
+        assert led.cancel(ids[i]) == "ok"
+    assert led.pause(ids[5]) == "ok"
+    newest_first = [j.id for j in led.list(limit=100)]
+    assert newest_first == ids[::-1]
+    for state in ("queued", "cancelled", "paused", "done"):
+        want = [j.id for j in led.list(limit=100) if j.state == state]
+        for offset, limit in ((0, 100), (0, 2), (1, 3), (3, 2), (5, 5)):
+            got = [j.id for j in led.list(limit=limit, offset=offset, state=state, chunk=2)]
+            assert got == want[offset : offset + limit], (state, offset, limit)
+    assert [j.id for j in led.list(state="queued", chunk=1)] == [ids[i] for i in (9, 6, 3, 0)]
+
+
 def test_list_rejects_bad_state_and_paging(client: TestClient) -> None:
     r = client.get("/v1/jobs", params={"state": "sleeping"})
     assert r.status_code == 422
