@@ -15,7 +15,8 @@ them running, so a worker runs dry only if a round takes longer than the other
 ``queue_depth - 1`` tasks (at 4 images of 2 s, 24 s with the default depth of 4). The last
 column is a round's share of that; under 1, workers never wait for the scheduler.
 
-One more row: a single job whose sweep has 100,000 cells (its lanes are O(cells) a round).
+One more row: a single job whose sweep has 100,000 cells. A round reads and lists only the
+cells around where its release has got to, so this costs what a job of one cell does.
 
 Usage: python bench/scheduler_rounds.py [--jobs 100 1000 10000]
 """

@@ -115,8 +115,10 @@ return -1
 # Releases up to n tasks of the given cells (those of one model): first the ones given back
 # (pause) or to retry, then each cell's next tasks, cell by cell in the order given. A
 # cell's cursor ('c:<cell>') is its next task never released; 'cursor' counts the tasks
-# released for the first time. Each released task waits in ``pending`` (by release time)
-# until a worker claims it.
+# released for the first time. The cells below 'full' are all out and have no field: each
+# release moves 'full' past the cells that are now all out and drops their fields, so a
+# job's hash stays small however many cells its sweep has. Each released task waits in
+# ``pending`` (by release time) until a worker claims it.
 _RELEASE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return {} end
@@ -127,11 +129,11 @@ if not redis.call('HGET', KEYS[1], 'percell') then
   -- a job from before per-cell cursors: its 'cursor' is the next task of all, so tasks
   -- 0..cursor-1 are out; give the cells it passed their cursors
   local pos = tonumber(redis.call('HGET', KEYS[1], 'cursor') or 0)
-  for c = 0, math.floor((pos - 1) / tpc) do
-    redis.call('HSET', KEYS[1], 'c:' .. c, math.min(c * tpc + tpc, pos))
-  end
-  redis.call('HSET', KEYS[1], 'percell', 1)
+  local passed = math.floor(pos / tpc)
+  if pos > passed * tpc then redis.call('HSET', KEYS[1], 'c:' .. passed, pos) end
+  redis.call('HSET', KEYS[1], 'full', passed, 'percell', 1)
 end
+local full = tonumber(redis.call('HGET', KEYS[1], 'full') or 0)
 local out = {}
 for i = 4, #ARGV do
   if #out >= n then break end
@@ -145,9 +147,11 @@ end
 local fresh = 0
 for i = 4, #ARGV do
   if #out >= n then break end
-  local lo = tonumber(ARGV[i]) * tpc
+  local cell = tonumber(ARGV[i])
+  local lo = cell * tpc
   local field = 'c:' .. ARGV[i]
-  local cur = tonumber(redis.call('HGET', KEYS[1], field) or lo)
+  local cur = lo + tpc
+  if cell >= full then cur = tonumber(redis.call('HGET', KEYS[1], field) or lo) end
   local start = cur
   local limit = math.min(lo + tpc, n_tasks)
   while #out < n and cur < limit do
@@ -159,7 +163,18 @@ for i = 4, #ARGV do
     fresh = fresh + cur - start
   end
 end
-if fresh > 0 then redis.call('HINCRBY', KEYS[1], 'cursor', fresh) end
+if fresh > 0 then
+  redis.call('HINCRBY', KEYS[1], 'cursor', fresh)
+  local f = full
+  while f * tpc < n_tasks do
+    local field = 'c:' .. f
+    local cur = tonumber(redis.call('HGET', KEYS[1], field) or f * tpc)
+    if cur < f * tpc + tpc then break end
+    redis.call('HDEL', KEYS[1], field)
+    f = f + 1
+  end
+  if f > full then redis.call('HSET', KEYS[1], 'full', f) end
+end
 for _, t in ipairs(out) do redis.call('ZADD', KEYS[3], ARGV[2], t) end
 if #out > 0 then
   redis.call('HINCRBY', KEYS[1], 'inflight', #out)
@@ -202,6 +217,7 @@ local cleared = 0
 local tpc = tonumber(ARGV[4])
 local legacy = not redis.call('HGET', KEYS[1], 'percell')
 local pos = tonumber(redis.call('HGET', KEYS[1], 'cursor') or 0)
+local full = tonumber(redis.call('HGET', KEYS[1], 'full') or 0)
 for i = 5, 4 + n_images do
   if redis.call('SETBIT', KEYS[2], tonumber(ARGV[i]), 0) == 1 then cleared = cleared + 1 end
 end
@@ -215,6 +231,7 @@ for i = 5 + n_images, #ARGV do
   -- a task its cell's cursor has not reached yet goes out with the cursor anyway
   local cell = math.floor(t / tpc)
   local cur = tonumber(redis.call('HGET', KEYS[1], 'c:' .. cell) or cell * tpc)
+  if cell < full then cur = cell * tpc + tpc end  -- all out
   if legacy then cur = pos end  -- a job from before per-cell cursors
   if t < cur then redis.call('ZADD', KEYS[4], t, t) end
 end
@@ -274,7 +291,8 @@ class JobRecord:
     last_release: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     cell_cursors: dict[int, int] = field(default_factory=dict)  # cell -> next task never
-    # released, for the cells released from so far (others: their first task)
+    # released, for the cells released from at or after ``full_cells`` (others: their first)
+    full_cells: int = 0  # the cells below this have every task released
     requeue_tasks: tuple[int, ...] = ()  # the tasks given back (``Ledger.active`` only)
     pending_tasks: tuple[int, ...] = ()  # released, not claimed yet (``Ledger.active`` only)
 
@@ -394,6 +412,7 @@ class Ledger:
             "failed": 0,
             "cursor": 0,
             "percell": 1,  # per-cell cursors ('c:<cell>'); see _RELEASE
+            "full": 0,  # cells all out below this; see _RELEASE
             "inflight": 0,
             "tasks_started": 0,
             "tasks_finished": 0,
@@ -725,17 +744,21 @@ def _record(h: dict[Any, Any], requeued: int = 0, spec: JobSpec | None = None) -
         last_release=_f(h.get("last_release")),
         extra={"batch_size": int(h.get("batch_size", 0)) or None},
     )
-    job.cell_cursors = _cell_cursors(h, job)
+    job.full_cells, job.cell_cursors = _cell_cursors(h, job)
     return job
 
 
-def _cell_cursors(h: dict[str, str], job: JobRecord) -> dict[int, int]:
-    """Each released-from cell's next task never released. A job from before per-cell
-    cursors (no ``percell``) has one cursor over all tasks instead: every cell it passed."""
+def _cell_cursors(h: dict[str, str], job: JobRecord) -> tuple[int, dict[int, int]]:
+    """The cells all out below, and each other released-from cell's next task never
+    released. A job from before per-cell cursors (no ``percell``) has one cursor over all
+    tasks instead: the cells it passed are all out, the one it is in is partly."""
     if "percell" in h:
-        return {int(k[2:]): int(v) for k, v in h.items() if k.startswith("c:")}
+        return int(h.get("full", 0)), {
+            int(k[2:]): int(v) for k, v in h.items() if k.startswith("c:")
+        }
     pos, tpc = job.cursor, job.plan.tasks_per_cell
-    return {c: min(c * tpc + tpc, pos) for c in range(-(-pos // tpc))}
+    passed = pos // tpc
+    return passed, ({passed: pos} if pos > passed * tpc else {})
 
 
 def _set_bits(data: bytes, base: int, total: int) -> Iterator[int]:

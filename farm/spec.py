@@ -15,9 +15,11 @@ model and the shape (and every other swept setting).
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -348,6 +350,10 @@ class Plan:
         self.batch_size = max(1, min(bs, self.per_cell))
         self.tasks_per_cell = -(-self.per_cell // self.batch_size)
         self.n_tasks = self.n_cells * self.tasks_per_cell
+        # the model's place among the sweep's digits (the last key varies fastest)
+        self._model_values: list[Any] = list(spec.sweep.get("model", [spec.model]))
+        at = self.sweep_keys.index("model") if "model" in spec.sweep else len(self.sweep_keys)
+        self._model_stride = math.prod(self.sweep_sizes[at + 1 :])
 
     def cell_values(self, cell: int) -> dict[str, Any]:
         if not 0 <= cell < self.n_cells:
@@ -374,8 +380,44 @@ class Plan:
         return base
 
     def cell_model(self, cell: int) -> str:
-        """The model cell ``cell`` renders."""
-        return str(self.cell_settings(cell)["model"])
+        """The model cell ``cell`` renders (O(1): the scheduler asks for every cell)."""
+        if not 0 <= cell < self.n_cells:
+            raise IndexError(f"cell {cell} out of range 0..{self.n_cells - 1}")
+        values = self._model_values
+        return str(values[(cell // self._model_stride) % len(values)])
+
+    def _model_digits(self, model: str) -> list[int]:
+        return [i for i, v in enumerate(self._model_values) if str(v) == model]
+
+    def model_cells(self, model: str, start: int = 0, stop: int | None = None) -> Iterator[int]:
+        """The cells of ``model`` in ``[start, stop)``, in order, skipping the others
+        without visiting them (a sweep's model is one digit of the cell number)."""
+        stop = self.n_cells if stop is None else min(stop, self.n_cells)
+        digits = self._model_digits(model)
+        if not digits:
+            return
+        s, n = self._model_stride, len(self._model_values)
+        block = max(0, start) // s
+        while block * s < stop:
+            d = block % n
+            at = bisect.bisect_left(digits, d)
+            # the next block whose digit is one of the model's
+            block += (digits[at] - d) if at < len(digits) else (n - d + digits[0])
+            lo = max(start, block * s)
+            yield from range(lo, min(stop, block * s + s))
+            block += 1
+
+    def count_model_cells(self, model: str, start: int = 0, stop: int | None = None) -> int:
+        """How many cells of ``[start, stop)`` render ``model``, in O(sweep values)."""
+        stop = self.n_cells if stop is None else min(stop, self.n_cells)
+        digits = self._model_digits(model)
+        s, period = self._model_stride, self._model_stride * len(self._model_values)
+
+        def below(x: int) -> int:
+            whole, rest = divmod(max(0, x), period)
+            return whole * len(digits) * s + sum(min(s, max(0, rest - d * s)) for d in digits)
+
+        return max(0, below(stop) - below(start))
 
     def task_model(self, task_no: int) -> str:
         """The model task ``task_no`` renders."""

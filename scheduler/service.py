@@ -19,6 +19,7 @@ own model's queue, so the models of a sweep render side by side on their own wor
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -84,22 +85,46 @@ class Lane:
     outstanding: int  # tasks released and not finished
 
 
-def job_lanes(job: JobRecord, claimed: Collection[int] = ()) -> dict[str, Lane]:
+def job_lanes(
+    job: JobRecord, claimed: Collection[int] = (), max_cells: int | None = None
+) -> dict[str, Lane]:
     """The job's tasks by model. ``claimed``: its tasks that workers have claimed and not
-    finished (with the job's ``pending_tasks``, what is outstanding per model)."""
+    finished (with the job's ``pending_tasks``, what is outstanding per model).
+    ``max_cells``: list at most this many cells per lane (a release never needs more cells
+    than tasks); the counts are exact either way.
+
+    O(tasks given back + cells released from at or after ``full_cells``) and, with
+    ``max_cells``, O(max_cells) more: the cells never released from are counted and listed
+    by arithmetic, so a sweep of a million cells costs no more than one of ten."""
     plan = job.plan
     tpc = plan.tasks_per_cell
     back = Counter(t // tpc for t in job.requeue_tasks)
+    full, cursors = job.full_cells, job.cell_cursors
+    tail = max(full, max(cursors, default=-1) + 1)  # no cell from here on was released from
     unreleased: dict[str, int] = defaultdict(int)
     cells: dict[str, list[int]] = defaultdict(list)
-    for cell in range(plan.n_cells):
+    for cell in sorted({*back, *range(full, tail)}):
         lo = cell * tpc
-        left = min(lo + tpc, plan.n_tasks) - job.cell_cursors.get(cell, lo) + back[cell]
+        fresh = lo + tpc - cursors.get(cell, lo) if cell >= full else 0
+        if cell >= tail:
+            fresh = 0  # counted with the tail below
+        left = fresh + back[cell]
         if left > 0:
             model = plan.cell_model(cell)
             unreleased[model] += left
             cells[model].append(cell)
     names = plan.models()
+    late = any(cell >= tail for cell in back)  # given back beyond the tail: not in order
+    for model in names:
+        listed = cells[model]
+        if tail < plan.n_cells:
+            unreleased[model] += plan.count_model_cells(model, tail) * tpc
+            room = None if max_cells is None else max(0, max_cells - len(listed))
+            listed.extend(itertools.islice(plan.model_cells(model, tail), room))
+        if late:
+            listed[:] = sorted(set(listed))
+        if max_cells is not None:
+            del listed[max_cells:]
     outstanding: dict[str, int] = defaultdict(int)
     if len(names) == 1:
         outstanding[names[0]] = job.outstanding
@@ -157,7 +182,9 @@ class Scheduler:
         for tasks in running.values():
             for job_id, task_no in tasks:
                 claimed[job_id].add(task_no)
-        lanes = {j.id: job_lanes(j, claimed[j.id]) for j in jobs}
+        # no model's queue takes more tasks a round than every worker's share of it
+        most = capacity(len(inventories), self.config.queue_depth)
+        lanes = {j.id: job_lanes(j, claimed[j.id], most) for j in jobs}
         holders = self.place(inventories, jobs, now, lanes)
         return self.release(jobs, holders, now, lanes)
 

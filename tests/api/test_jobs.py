@@ -309,11 +309,12 @@ def test_a_job_from_before_per_cell_cursors_carries_on_where_it_was(
     job = submit(count=4, batch_size=2, sweep={"cfg_scale": [3, 5, 7]})  # 3 cells x 2 tasks
     led = ledger(redis_client, config)
     key = led.job_key(job["id"])
-    # as the previous version left it: one cursor over all tasks, tasks 0-2 out
-    redis_client.hdel(key, "percell")
+    # as the version before per-cell cursors left it: one cursor over all tasks, 0-2 out
+    redis_client.hdel(key, "percell", "full")
     redis_client.hset(key, "cursor", 3)
     record = led.get(job["id"])
-    assert record.cell_cursors == {0: 2, 1: 3} and record.remaining_tasks == 3
+    assert (record.full_cells, record.cell_cursors) == (1, {1: 3})
+    assert record.remaining_tasks == 3
     (active,) = [j for j in led.active() if j.id == job["id"]]
     assert job_lanes(active)[active.spec.model].cells == (1, 2)
     led.mark(job["id"], [2, 8], ok=False)  # image 2: task 1 (out); image 8: task 4 (not)
@@ -321,6 +322,6 @@ def test_a_job_from_before_per_cell_cursors_carries_on_where_it_was(
     assert led.get(job["id"]).requeued == 1  # task 1 only
     assert led.release(job["id"], 10) == [1, 3, 4, 5]
     record = led.get(job["id"])
-    assert record.cell_cursors == {0: 2, 1: 4, 2: 6}
+    assert (record.full_cells, record.cell_cursors) == (3, {})
     assert (record.cursor, record.remaining_tasks) == (6, 0)
     assert redis_client.hget(key, "percell") == b"1"

@@ -1,11 +1,13 @@
 """What the scheduler reads each round, against a real Redis server: the active jobs in one
-round trip with each spec read once, and released-but-unclaimed tasks looked for only every
-quarter of ``resend_after``."""
+round trip with each spec read once, released-but-unclaimed tasks looked for only every
+quarter of ``resend_after``, and lanes that cost no more for a sweep of many cells."""
 
 from __future__ import annotations
 
 import json
+import random
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -13,8 +15,9 @@ from typing import Any
 import redis
 
 from farm.config import Config
-from farm.jobs import Ledger
-from scheduler.service import Scheduler
+from farm.jobs import JobRecord, Ledger
+from farm.spec import JobSpec
+from scheduler.service import Scheduler, job_lanes
 
 Submit = Callable[..., dict[str, Any]]
 
@@ -86,3 +89,92 @@ def test_the_scheduler_looks_for_unclaimed_tasks_every_quarter_of_resend_after(
     sched.lease.release()
     other.tick(now=t0 + 142)
     assert other.leader and other.recovered == out
+
+
+def reference_lanes(job: JobRecord) -> dict[str, tuple[tuple[int, ...], int]]:
+    """The lanes the slow way: every cell, its cursor spelled out."""
+    plan, tpc = job.plan, job.plan.tasks_per_cell
+    back = Counter(t // tpc for t in job.requeue_tasks)
+    unreleased: dict[str, int] = defaultdict(int)
+    cells: dict[str, list[int]] = defaultdict(list)
+    for cell in range(plan.n_cells):
+        lo = cell * tpc
+        cur = lo + tpc if cell < job.full_cells else job.cell_cursors.get(cell, lo)
+        left = lo + tpc - cur + back[cell]
+        if left > 0:
+            model = plan.cell_settings(cell)["model"]
+            unreleased[model] += left
+            cells[model].append(cell)
+    return {m: (tuple(cells[m]), unreleased[m]) for m in plan.models()}
+
+
+def test_lanes_match_every_cell_spelled_out_as_a_sweep_is_released(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    # cells: model (a, b, a) x cfg (3, 5) x steps (5, 10, 20) = 18 cells of 2 tasks
+    led = Ledger(redis_client, config.namespace)
+    job_id = led.create(
+        JobSpec(model="a", prompt="p", count=4, batch_size=2, seed=1,
+                sweep={"model": ["a", "b", "a"], "cfg_scale": [3, 5], "steps": [5, 10, 20]})
+    ).id  # fmt: skip
+    rng = random.Random(5)
+    done: set[int] = set()
+    while True:
+        (job,) = [j for j in led.active() if j.id == job_id]
+        ref = reference_lanes(job)
+        for most in (None, 1, 3):
+            lanes = job_lanes(job, max_cells=most)
+            for model, (cells, unreleased) in ref.items():
+                assert lanes[model].unreleased == unreleased, (model, most)
+                assert lanes[model].cells == cells[:most], (model, most)
+        lanes = job_lanes(job)
+        if not any(lane.unreleased for lane in lanes.values()):
+            break
+        model = rng.choice([m for m, lane in lanes.items() if lane.unreleased])
+        n = rng.randint(1, 5)
+        out = led.release(job_id, n, lanes[model].cells[:n], job.plan.tasks_per_cell)
+        assert 1 <= len(out) <= n
+        for t in out:
+            assert job.plan.task_model(t) == model
+            if rng.random() < 0.3 and t not in done:  # fails once, is retried
+                task = job.plan.task(t)
+                led.mark(job_id, list(range(task.start, task.end)), ok=False)
+                assert led.retry_failed(job_id)[1] == task.end - task.start
+            else:
+                done.add(t)
+    # every task is out: the hash keeps no cursor field
+    fields = [k for k in redis_client.hkeys(led.job_key(job_id)) if k.startswith(b"c:")]
+    assert fields == [] and redis_client.hget(led.job_key(job_id), "full") == b"18"
+
+
+def test_a_job_hash_stays_small_however_many_cells(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    # 4,800 cells of one task, released in order as the scheduler does
+    job_id = submit(
+        count=1, sweep={"cfg_scale": [1 + k / 100 for k in range(20)],
+                        "steps": list(range(1, 21)), "width": [64 * k for k in range(1, 13)]},
+    )["id"]  # fmt: skip
+    led = Ledger(redis_client, config.namespace)
+    key = led.job_key(job_id)
+    sizes = []
+    while True:
+        (job,) = [j for j in led.active() if j.id == job_id]
+        lane = job_lanes(job, max_cells=1000)["synthetic"]
+        if not lane.unreleased:
+            break
+        assert len(lane.cells) == min(1000, lane.unreleased)
+        got = led.release(job_id, 999, lane.cells, 1)
+        assert got == list(lane.cells[:999])
+        sizes.append(redis_client.hlen(key))
+    assert len(sizes) == -(-4800 // 999) and max(sizes) <= 25, sizes
+    # a job the previous version left with a field per cell gives them up at its next release
+    old = submit(count=2, batch_size=1, sweep={"cfg_scale": [3, 5, 7]})["id"]
+    okey = led.job_key(old)
+    assert led.release(old, 5, [0, 1, 2], 2) == [0, 1, 2, 3, 4]
+    redis_client.hdel(okey, "full")
+    redis_client.hset(okey, mapping={"c:0": 2, "c:1": 4})
+    assert led.get(old).cell_cursors == {0: 2, 1: 4, 2: 5}
+    assert led.release(old, 5, [2], 2) == [5]
+    assert [k for k in redis_client.hkeys(okey) if k.startswith(b"c:")] == []
+    assert led.get(old).full_cells == 3

@@ -50,6 +50,31 @@ def test_tasks_cover_every_image_once_and_never_cross_a_cell():
     assert plan.models() == ["x", "y", "z"]
 
 
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        {},
+        {"cfg_scale": [3, 5, 7]},
+        {"model": ["x", "y"]},
+        {"model": ["x", "y", "x"], "steps": [5, 10]},
+        {"steps": [5, 10], "model": ["x", "y", "z"], "width": [64, 128]},
+        {"width": [64, 128], "cfg_scale": [3, 5], "model": ["y", "x"]},
+    ],
+)
+def test_a_cells_model_matches_its_settings(sweep):
+    plan = Plan(spec(sweep=sweep))
+    models = [plan.cell_settings(cell)["model"] for cell in range(plan.n_cells)]
+    assert [plan.cell_model(cell) for cell in range(plan.n_cells)] == models
+    with pytest.raises(IndexError):
+        plan.cell_model(plan.n_cells)
+    # a model's cells in a range, listed and counted without visiting the others
+    for model in ("m", "x", "y", "z", "nope"):
+        for start, stop in itertools.combinations(range(plan.n_cells + 2), 2):
+            want = [c for c in range(start, min(stop, plan.n_cells)) if models[c] == model]
+            assert list(plan.model_cells(model, start, stop)) == want
+            assert plan.count_model_cells(model, start, stop) == len(want)
+
+
 def test_a_million_images_plan_in_constant_time():
     plan = Plan(spec(count=1_000_000, batch_size=8))
     assert plan.total == 1_000_000 and plan.n_tasks == 125_000
