@@ -127,7 +127,7 @@ local tpc = tonumber(ARGV[3])
 local n_tasks = tonumber(redis.call('HGET', KEYS[1], 'n_tasks'))
 if not redis.call('HGET', KEYS[1], 'percell') then
   -- a job from before per-cell cursors: its 'cursor' is the next task of all, so tasks
-  -- 0..cursor-1 are out; give the cells it passed their cursors
+  -- 0..cursor-1 are out: the cells it passed are all out, the one it is in has a cursor
   local pos = tonumber(redis.call('HGET', KEYS[1], 'cursor') or 0)
   local passed = math.floor(pos / tpc)
   if pos > passed * tpc then redis.call('HSET', KEYS[1], 'c:' .. passed, pos) end
