@@ -450,7 +450,7 @@ class Ledger:
     ) -> list[JobRecord]:
         """Jobs newest first. With ``state``, only the jobs in it: unfinished states are
         looked for among the active jobs only, finished ones among all jobs, ``chunk`` at
-        a time (doubling) until ``offset + limit`` are found."""
+        a time (doubling, up to 4,096) until ``offset + limit`` are found."""
         if not state:
             return self._records(self.r.zrevrange(self.key("jobs"), offset, offset + limit - 1))
         source = self.key("jobs" if state in TERMINAL else "active")
@@ -464,7 +464,7 @@ class Ledger:
             for job in self._records(ids):
                 if job.state == state:
                     found.setdefault(job.id, job)
-            chunk *= 2
+            chunk = min(2 * chunk, 4096)
         return [*found.values()][offset : offset + limit]
 
     def _records(self, ids: Sequence[Any]) -> list[JobRecord]:
