@@ -380,7 +380,7 @@ class Plan:
         return base
 
     def cell_model(self, cell: int) -> str:
-        """The model cell ``cell`` renders (O(1): the scheduler asks for every cell)."""
+        """The model cell ``cell`` renders, in O(1)."""
         if not 0 <= cell < self.n_cells:
             raise IndexError(f"cell {cell} out of range 0..{self.n_cells - 1}")
         values = self._model_values
