@@ -100,29 +100,25 @@ def job_lanes(
     tpc = plan.tasks_per_cell
     back = Counter(t // tpc for t in job.requeue_tasks)
     full, cursors = job.full_cells, job.cell_cursors
-    tail = max(full, max(cursors, default=-1) + 1)  # no cell from here on was released from
+    # from the tail on, no cell was released from nor has a task given back
+    tail = max(full, max(cursors, default=-1) + 1, max(back, default=-1) + 1)
     unreleased: dict[str, int] = defaultdict(int)
     cells: dict[str, list[int]] = defaultdict(list)
     for cell in sorted({*back, *range(full, tail)}):
         lo = cell * tpc
         fresh = lo + tpc - cursors.get(cell, lo) if cell >= full else 0
-        if cell >= tail:
-            fresh = 0  # counted with the tail below
         left = fresh + back[cell]
         if left > 0:
             model = plan.cell_model(cell)
             unreleased[model] += left
             cells[model].append(cell)
     names = plan.models()
-    late = any(cell >= tail for cell in back)  # given back beyond the tail: not in order
     for model in names:
         listed = cells[model]
         if tail < plan.n_cells:
             unreleased[model] += plan.count_model_cells(model, tail) * tpc
             room = None if max_cells is None else max(0, max_cells - len(listed))
             listed.extend(itertools.islice(plan.model_cells(model, tail), room))
-        if late:
-            listed[:] = sorted(set(listed))
         if max_cells is not None:
             del listed[max_cells:]
     outstanding: dict[str, int] = defaultdict(int)
