@@ -95,6 +95,14 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'type', 'task-started'
 return 'ok'
 """
 
+# KEYS: running   ARGV: job_id/task_no, instance
+_FORGET_CLAIM = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 # KEYS: job, tasks, wake, running, events   ARGV: task_no, job_id
 _FINISH_TASK = """
 redis.call('HDEL', KEYS[4], ARGV[2] .. '/' .. ARGV[1])
@@ -355,6 +363,7 @@ class Ledger:
         self._mark = client.register_script(_MARK)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH_TASK)
+        self._forget_claim = client.register_script(_FORGET_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._transition = client.register_script(_TRANSITION)
         self._retry = client.register_script(_RETRY)
@@ -589,8 +598,11 @@ class Ledger:
             out.setdefault(_s(worker), []).append((job_id, int(task)))
         return out
 
-    def forget_running(self, job_id: str, task_no: int) -> None:
-        self.r.hdel(self.running_key, f"{job_id}/{task_no}")
+    def forget_running(self, job_id: str, task_no: int, instance: str) -> bool:
+        """Drop the claim of a task if worker process ``instance`` holds it (not one that
+        another worker made since). True if it did."""
+        res = self._forget_claim(keys=[self.running_key], args=[f"{job_id}/{task_no}", instance])
+        return bool(res)
 
     def mark(self, job_id: str, indices: list[int], ok: bool = True) -> dict[str, Any]:
         """Record images as done (or failed). Returns the deltas and the new counters."""

@@ -31,6 +31,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+import kombu.exceptions
 import redis
 
 from farm.celery_app import RENDER_TASK, RenderMessage, celery_priority, make_app, model_queue
@@ -153,6 +154,9 @@ class Scheduler:
         self.recovered = 0
         self.leader = False
         self.last_stale_scan = -math.inf
+        # tasks released in the ledger whose message the broker did not take (it was away):
+        # sent first thing next round
+        self.unsent: list[Message] = []
 
     # one round
     def tick(self, now: float | None = None) -> int:
@@ -160,8 +164,12 @@ class Scheduler:
         was_leader = self.leader
         self.leader = self.lease.hold()
         if not self.leader:
+            self.unsent.clear()  # a new leader sends every release not claimed again
             return 0
         now = time.time() if now is None else now
+        if self.unsent:
+            unsent, self.unsent = self.unsent, []
+            self._send_all(unsent)
         running = self.ledger.running()  # read before the inventories: see recover()
         inventories = self.workers.live()
         self.recover(running, inventories)
@@ -190,12 +198,14 @@ class Scheduler:
         broker)."""
         self.last_stale_scan = now
         by_id = {j.id: j for j in jobs}
+        out = []
         for job_id, tasks in self.ledger.stale_releases(list(by_id), older_than, now).items():
             job = by_id[job_id]
             for task_no in tasks:
-                self._send(job, task_no, job.plan.task_model(task_no))
-                self.recovered += 1
+                out.append(_message(job, task_no, job.plan.task_model(task_no)))
                 log.warning("task %s/%s was never claimed; sent again", job.id, task_no)
+        self.recovered += len(out)
+        self._send_all(out)
 
     def recover(self, running: dict[str, list[tuple[str, int]]], inventories: list[dict]) -> None:
         live = {w.get("instance", w["name"]) for w in inventories}
@@ -203,23 +213,26 @@ class Scheduler:
             if instance in live:
                 continue
             for job_id, task_no in tasks:
-                self.ledger.forget_running(job_id, task_no)
                 try:
-                    job = self.ledger.get(job_id)
+                    job: JobRecord | None = self.ledger.get(job_id)
                 except KeyError:
-                    continue
-                if job.state not in RUNNABLE:
-                    continue
-                self._send(job, task_no, job.plan.task_model(task_no))
-                self.recovered += 1
-                self.r.xadd(
-                    self.ledger.events_key,
-                    {"type": "task-recovered", "job": job_id, "task": task_no,
-                     "dead": instance},
-                    maxlen=100_000,
-                    approximate=True,
-                )  # fmt: skip
-                log.warning("worker %s is gone; task %s/%s sent again", instance, job_id, task_no)
+                    job = None
+                if job is not None and job.state in RUNNABLE:
+                    # sent before the claim is dropped: if the broker is away, the claim
+                    # stays and the next round tries again
+                    self._send(_message(job, task_no, job.plan.task_model(task_no)))
+                    self.recovered += 1
+                    self.r.xadd(
+                        self.ledger.events_key,
+                        {"type": "task-recovered", "job": job_id, "task": task_no,
+                         "dead": instance},
+                        maxlen=100_000,
+                        approximate=True,
+                    )  # fmt: skip
+                    log.warning(
+                        "worker %s is gone; task %s/%s sent again", instance, job_id, task_no
+                    )
+                self.ledger.forget_running(job_id, task_no, instance)
 
     def demands(
         self,
@@ -310,40 +323,63 @@ class Scheduler:
             for model, lane in lanes[job.id].items():
                 if lane.unreleased or lane.outstanding:
                     by_model[model].append((job, lane))
-        sent = 0
-        for model, group in sorted(by_model.items()):
-            views = [
-                JobView(
-                    id=j.id,
-                    priority=effective_priority(j, now, self.config.aging_s),
-                    created_at=j.created_at,
-                    outstanding=lane.outstanding,
-                    remaining=lane.unreleased,
-                    level=9 - celery_priority(j.priority),
-                )
-                for j, lane in group
-            ]
-            cap = capacity(holders.get(model, 0), self.config.queue_depth)
-            by_id = {j.id: (j, lane) for j, lane in group}
-            for job_id, n in plan_releases(views, cap):
-                job, lane = by_id[job_id]
-                plan = job.plan
-                # each of the lane's cells has a task left: n cells are enough for n tasks
-                cells = lane.cells[:n]
-                # the lane's cells, given-back tasks included, are all of this model
-                for task_no in self.ledger.release(job_id, n, cells, plan.tasks_per_cell):
-                    self._send(job, task_no, model)
-                    sent += 1
-        self.released += sent
-        return sent
+        out: list[Message] = []
+        try:  # what the ledger released goes out even if a later release fails
+            for model, group in sorted(by_model.items()):
+                self._release_model(model, group, holders.get(model, 0), now, out)
+        finally:
+            self.released += len(out)
+            self._send_all(out)
+        return len(out)
 
-    def _send(self, job: JobRecord, task_no: int, model: str) -> None:
-        msg = RenderMessage(namespace=self.config.namespace, job_id=job.id, task_no=task_no)
+    def _release_model(
+        self,
+        model: str,
+        group: list[tuple[JobRecord, Lane]],
+        holders: int,
+        now: float,
+        out: list[Message],
+    ) -> None:
+        """Release the tasks of one model's queue into ``out``."""
+        views = [
+            JobView(
+                id=j.id,
+                priority=effective_priority(j, now, self.config.aging_s),
+                created_at=j.created_at,
+                outstanding=lane.outstanding,
+                remaining=lane.unreleased,
+                level=9 - celery_priority(j.priority),
+            )
+            for j, lane in group
+        ]
+        cap = capacity(holders, self.config.queue_depth)
+        by_id = {j.id: (j, lane) for j, lane in group}
+        for job_id, n in plan_releases(views, cap):
+            job, lane = by_id[job_id]
+            # each of the lane's cells has a task left: n cells are enough for n tasks; the
+            # lane's cells, given-back tasks included, are all of this model
+            cells = lane.cells[:n]
+            for task_no in self.ledger.release(job_id, n, cells, job.plan.tasks_per_cell):
+                out.append(_message(job, task_no, model))
+
+    def _send_all(self, messages: list[Message]) -> None:
+        """Send in order. If the broker fails, the ones not sent are kept for the next
+        round (their tasks are released in the ledger already) and the error goes up."""
+        for i, m in enumerate(messages):
+            try:
+                self._send(m)
+            except Exception:
+                self.unsent.extend(messages[i:])
+                raise
+
+    def _send(self, m: Message) -> None:
+        job_id, task_no, model, priority = m
+        msg = RenderMessage(namespace=self.config.namespace, job_id=job_id, task_no=task_no)
         self.app.send_task(
             RENDER_TASK,
             kwargs=msg.model_dump(),
             queue=model_queue(self.config.namespace, model),
-            priority=celery_priority(job.priority),
+            priority=priority,
         )
 
     # the loop
@@ -357,14 +393,26 @@ class Scheduler:
                     self.ledger.wait_wake(self.config.scheduler_interval)
                 else:
                     self.stop_event.wait(self.config.leader_ttl / 3)
-            except redis.ConnectionError as exc:
+            except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
+                # Redis (ledger and broker) away or restarting: the round is tried again
                 log.warning("redis unavailable: %s", exc)
+                self.stop_event.wait(1.0)
+            except Exception:  # noqa: BLE001 - one bad round must not stop the farm
+                log.exception("scheduler round failed")
                 self.stop_event.wait(1.0)
         if self.leader:
             self.lease.release()
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+# a render task to send: job id, task number, model (its queue), broker priority
+Message = tuple[str, int, str, int]
+
+
+def _message(job: JobRecord, task_no: int, model: str) -> Message:
+    return (job.id, task_no, model, celery_priority(job.priority))
 
 
 def _image_seconds(inventories: list[dict[str, Any]]) -> dict[str, float]:
