@@ -40,16 +40,18 @@ class Cluster:
         models: dict[str, Path] | None = None,
         schedulers: int = 0,
         env: dict[str, str] | None = None,
+        redis_args: tuple[str, ...] = (),
     ):
         """``schedulers`` = 0 runs the scheduler in a thread of the test process (a test
-        can hold it back); N > 0 runs N ``farm scheduler`` processes (one leads)."""
+        can hold it back); N > 0 runs N ``farm scheduler`` processes (one leads).
+        ``redis_args``: more options for the Redis server (persistence, say)."""
         self.tmp = tmp
         self.n_workers = workers
         self.n_schedulers = schedulers
         self.extra_env = env or {}
         self.scheduler_procs: list[subprocess.Popen[bytes]] = []
         self.models = models or {}
-        self.redis_server = RedisServer()
+        self.redis_server = RedisServer(extra_args=redis_args)
         self.moto = MotoServer()
         self.bucket = "farm-" + uuid.uuid4().hex[:8]
         self.procs: list[subprocess.Popen[bytes]] = []

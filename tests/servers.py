@@ -167,6 +167,25 @@ class RedisServer:
                 self.proc.wait(timeout=5)
         self.proc = None
 
+    def crash(self) -> None:
+        """SIGKILL the server, keeping its directory (``start_again`` brings it back)."""
+        assert self.proc is not None, "server not started"
+        self.proc.kill()
+        self.proc.wait(timeout=5)
+        self.proc = None
+
+    def start_again(self) -> None:
+        """Start the server again on the same port and directory: with ``--appendonly yes``
+        among ``extra_args`` it comes back with its data."""
+        if not self._start(self.port):
+            raise RuntimeError(f"{self.binary} did not start again: {self._log_tail()}")
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Crash the server, stay down ``down_s`` seconds, start it again."""
+        self.crash()
+        time.sleep(down_s)
+        self.start_again()
+
     def stop(self) -> None:
         self.stop_process()
         if self.dir:

@@ -15,12 +15,16 @@ from farm.spec import ImageParams
 from storage.keys import image_key
 from storage.png import encode_png, format_parameters
 from workers.engine.base import BatchRequest, ImageRequest
-from workers.runtime import Runtime
+from workers.runtime import REDIS_AWAY, Runtime
 
 log = logging.getLogger("farm.worker")
 
 
-def run_render(rt: Runtime, msg: RenderMessage) -> dict[str, Any]:
+def run_render(rt: Runtime, msg: RenderMessage, again: bool = False) -> dict[str, Any]:
+    """``again``: a run of this task by this worker broke off on a Redis error, so the
+    claim it may have made is dropped first (the task is claimed anew or handed on)."""
+    if again:
+        rt.ledger.forget_running(msg.job_id, msg.task_no, rt.instance)
     job = rt.ledger.get(msg.job_id)
     plan = job.plan
     task = plan.task(msg.task_no)
@@ -47,9 +51,14 @@ def run_render(rt: Runtime, msg: RenderMessage) -> dict[str, Any]:
     try:
         if todo:
             _render_images(rt, job.id, job.spec.output_prefix or rt.config.output_prefix, todo)
+    except REDIS_AWAY:
+        raise  # not finished: the task runs again once Redis is back (see tasks.render)
+    except BaseException:
+        rt.ledger.finish_task(job.id, msg.task_no)  # its images are marked failed
+        raise
     finally:
         rt.current_task = None
-        rt.ledger.finish_task(job.id, msg.task_no)
+    rt.ledger.finish_task(job.id, msg.task_no)
     rt.stats.tasks += 1
     return {"job": job.id, "task": msg.task_no, "rendered": len(todo)}
 
@@ -95,6 +104,8 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
             rt.store.put_bytes(
                 image_key(prefix, job_id, p.index, p.seed), encode_png(picture, text), "image/png"
             )
+    except REDIS_AWAY:
+        raise  # the ledger is away, not the images' fault: the task runs again (see tasks)
     except Exception:
         log.exception("task of job %s images %s..%s failed", job_id, indices[0], indices[-1])
         rt.ledger.mark(job_id, indices, ok=False)

@@ -7,6 +7,7 @@ for it. Model files come from the model store into a node-local cache directory.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -27,6 +28,10 @@ from storage import open_store
 from storage.models import ModelStore
 
 log = logging.getLogger("farm.worker")
+
+# errors that mean Redis is away for now (down, restarting, loading its data, a replica not
+# promoted yet), not that a model or an image is bad: what meets one is tried again later
+REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 
 
 def worker_device() -> str:
@@ -172,15 +177,23 @@ class Runtime:
     # model assignment: the scheduler writes it, the worker applies it
     def watch_assignment(self, consumer: Any, interval: float = 0.5) -> None:
         """Follow this worker's assignment: switch the Celery consumer to the assigned
-        model's queue, loading the model first so the first task does not wait."""
+        model's queue, loading the model first so the first task does not wait. A consumer
+        that does not consume what it should (a broker reconnect came between) is set
+        right again."""
 
         def loop() -> None:
+            asked = -math.inf
             while not self._stop.is_set():
                 try:
                     got = self.assignments.get(self.name)
                     model = got[0] if got else None
                     if model != self.assigned:
                         self._switch(consumer, model)
+                    elif self.consumed(consumer) != self.wanted() and (
+                        time.monotonic() - asked > 5.0
+                    ):
+                        asked = time.monotonic()
+                        consumer.call_soon(self.apply_queues, consumer)
                 except Exception:  # noqa: BLE001 - keep following; log and retry
                     log.exception("applying the assignment failed")
                     self._stop.wait(2.0)
@@ -190,23 +203,43 @@ class Runtime:
         self._watch.start()
 
     def _switch(self, consumer: Any, model: str | None) -> None:
-        ns = self.config.namespace
-        old = self.assigned
-        if old is not None:
-            consumer.call_soon(consumer.cancel_task_queue, model_queue(ns, old))
-        self.assigned = model
+        self.assigned = None
+        consumer.call_soon(self.apply_queues, consumer)  # off the old model's queue at once
         if model is None:
             log.info("%s: no model assigned", self.name)
             return
         try:
             self.engine_for(model)
+        except REDIS_AWAY:
+            # not the model's fault: the watcher switches again once Redis is back
+            raise
         except Exception as exc:  # noqa: BLE001 - a broken model must not stop the worker
             log.error("%s: cannot load %s: %s", self.name, model, exc)
             self.record_failure(model)
-        queue = model_queue(ns, model)
-        consumer.call_soon(consumer.add_task_queue, queue, queue, "direct", queue)
-        log.info("%s: serving model %s (queue %s)", self.name, model, queue)
+        self.assigned = model
+        consumer.call_soon(self.apply_queues, consumer)
+        log.info("%s: serving model %s", self.name, model)
         self.heartbeat_once()
+
+    def wanted(self) -> set[str]:
+        """The model queues this worker should consume: its assigned model's, if any."""
+        return {model_queue(self.config.namespace, self.assigned)} if self.assigned else set()
+
+    def consumed(self, consumer: Any) -> set[str]:
+        """The model queues the Celery consumer consumes now."""
+        prefix = model_queue(self.config.namespace, "")
+        queues = getattr(consumer.task_consumer, "queues", None) or []
+        return {q.name for q in queues if q.name.startswith(prefix)}
+
+    def apply_queues(self, consumer: Any) -> None:
+        """Run by the consumer's own loop: consume the assigned model's queue and no other
+        model's. It reads the assignment when it runs, so callbacks that run late, twice or
+        out of order (Celery's event loop keeps them in a set) all end the same way."""
+        want, have = self.wanted(), self.consumed(consumer)
+        for queue in sorted(have - want):
+            consumer.cancel_task_queue(queue)
+        for queue in sorted(want - have):
+            consumer.add_task_queue(queue, queue, "direct", queue)
 
     def forward(self, msg: Any, model: str, priority: int) -> None:
         from farm.celery_app import RENDER_TASK, celery_priority, make_app
@@ -232,6 +265,22 @@ class Runtime:
                 c.fail_limit,
                 c.fail_block,
             )
+
+    def wait_for_redis(self, limit_s: float, settle_s: float = 0.0) -> bool:
+        """Wait ``settle_s``, then until Redis answers; False if the worker stops or
+        ``limit_s`` passes first."""
+        deadline = time.monotonic() + limit_s
+        pause = 0.5
+        if self._stop.wait(settle_s):
+            return False
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.r.ping()
+                return True
+            except redis.RedisError:
+                self._stop.wait(pause)
+                pause = min(5.0, pause * 2)
+        return False
 
     def heartbeat_once(self) -> None:
         self.registry.publish(self.name, self.inventory(), ttl=self.config.worker_ttl)

@@ -6,12 +6,13 @@ import logging
 import threading
 from typing import Any
 
+import kombu.exceptions
 from celery import signals
 
 from farm.celery_app import RENDER_TASK, RenderMessage, make_app
 from farm.config import load
 from workers.render import run_render
-from workers.runtime import Runtime
+from workers.runtime import REDIS_AWAY, Runtime
 
 log = logging.getLogger("farm.worker")
 config = load()
@@ -36,11 +37,27 @@ def render(self: Any, **kwargs: Any) -> dict[str, Any]:
         raise ValueError(
             f"task for namespace {msg.namespace!r}, worker serves {config.namespace!r}"
         )
-    try:
-        return run_render(runtime(self.request.hostname), msg)
-    except Exception as exc:
-        # the images are marked failed in the ledger; do not let Celery redeliver forever
-        return {"job": msg.job_id, "task": msg.task_no, "error": f"{type(exc).__name__}: {exc}"}
+    rt = runtime(self.request.hostname)
+    attempt = 0
+    while True:
+        try:
+            return run_render(rt, msg, again=attempt > 0)
+        except (*REDIS_AWAY, kombu.exceptions.OperationalError) as exc:
+            # Redis (ledger and broker) is away: nothing of this task can be recorded or
+            # handed on, so it runs again once Redis is back (a run is idempotent). Past the
+            # visibility timeout the broker hands the message out again anyway.
+            log.warning("task %s/%s: redis unavailable (%s)", msg.job_id, msg.task_no, exc)
+            settle = min(5.0, 0.25 * 2**attempt)  # a Redis that answers but refuses writes
+            if not rt.wait_for_redis(config.visibility_timeout, settle):
+                raise
+            attempt += 1
+        except Exception as exc:
+            # the images are marked failed in the ledger; do not let Celery redeliver forever
+            return {
+                "job": msg.job_id,
+                "task": msg.task_no,
+                "error": f"{type(exc).__name__}: {exc}",
+            }
 
 
 @signals.worker_ready.connect

@@ -1,0 +1,222 @@
+"""Redis crashes and comes back mid-job, on a real farm: 2 Celery worker processes on 2 tiny
+models, 2 scheduler processes, a Redis-compatible server with an append-only file (killed
+with SIGKILL and started again on the same port) and S3 over HTTP.
+
+Redis is the broker and the ledger at once, so while it is away nothing can be claimed,
+marked or sent. What must hold when it is back: every image is done exactly once and
+none is failed (an outage is not the model's fault), the tasks that were rendering when it
+died finish without waiting for the broker's visibility timeout, and every process of the
+farm is still running.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+
+from farm.celery_app import model_queue
+from farm.config import Config
+from farm.models import ModelEntry, ModelRegistry
+from farm.spec import JobSpec
+from farm.workers_registry import Assignments
+from tests.cluster import Cluster
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.timeout(600)
+MODELS = ("m0", "m1")
+TTL_S = 6  # heartbeat TTL of the workers' inventories
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    from workers.engine.tiny import write_tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("restart")
+    models = {
+        name: Path(write_tiny_checkpoint(tmp / f"{name}.safetensors", seed=i))
+        for i, name in enumerate(MODELS)
+    }
+    env = {"FARM_MIN_DWELL_S": "2", "FARM_LEADER_TTL": "3", "FARM_WORKER_TTL": str(TTL_S)}
+    persist = ("--appendonly", "yes", "--appendfsync", "always")
+    with Cluster(tmp, workers=2, models=models, schedulers=2, env=env, redis_args=persist) as c:
+        yield c
+
+
+def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "down_s",
+    [
+        pytest.param(2.0, id="shorter-than-heartbeat-ttl"),  # the workers still look alive
+        pytest.param(9.0, id="longer-than-heartbeat-ttl"),  # every worker looks dead at first
+    ],
+)
+def test_a_redis_crash_mid_job_loses_nothing(farm: Cluster, down_s: float) -> None:
+    base = {"width": 64, "height": 64, "steps": 4, "sampler_name": "Euler", "cfg_scale": 4.0}
+    jobs = [
+        farm.ledger.create(
+            JobSpec(**base, model=m, prompt="a shape", seed=7, count=60, batch_size=4)
+        ).id
+        for m in MODELS
+    ]
+    # both workers busy on their models, and tasks claimed but not finished
+    wait_for(
+        lambda: all(farm.ledger.get(j).done >= 8 for j in jobs),
+        180,
+        "both jobs under way",
+    )
+    wait_for(lambda: len(farm.ledger.r.hgetall(farm.ledger.running_key)) >= 2, 60, "2 claims")
+    in_flight = farm.ledger.running()
+    done_before = sum(farm.ledger.get(j).done for j in jobs)
+    farm.redis_server.restart(down_s=down_s)
+    back_ms = int(farm.ledger.r.time()[0] * 1000)  # the server's clock, as in event ids
+
+    for j in jobs:
+        job = farm.wait(j, timeout=240)
+        assert job.state == "done", job.summary()
+        assert (job.done, job.failed) == (60, 0), job.summary()
+        # every image once: the done bitmap has each index, and its count is the counter
+        assert farm.ledger.done_indices(j, 0, 100) == list(range(60))
+        assert job.summary()["tasks_finished"] == job.plan.n_tasks
+        keys = farm.s3.list_objects_v2(Bucket=farm.bucket, Prefix=f"out/renders/{j}/")
+        assert keys["KeyCount"] == 60
+
+    # what was rendering when Redis died was finished (no claim is left behind)
+    assert sum(len(t) for t in in_flight.values()) >= 2 and done_before < 120
+    assert farm.ledger.running() == {}
+    # an outage counts against no model
+    assert farm.assignments_blocked() == {}
+    assert not list(farm.r.scan_iter(f"{farm.config.namespace}:fail:*"))
+    # nothing died: both schedulers, the worker launcher, and both workers are back
+    assert all(p.poll() is None for p in farm.procs)
+    wait_for(lambda: len(farm.inventories()) == 2, 30, "both workers heartbeating again")
+
+    finished = [
+        int(eid.split("-")[0])
+        for eid, ev in farm.ledger.events(after=f"{back_ms}-0", count=10**6)
+        if ev.get("type") == "task-finished"
+    ]
+    assert finished, "no task finished after Redis came back"
+    recovery_s = (min(finished) - back_ms) / 1000
+    print(f"\nRedis down {down_s:.0f} s (SIGKILL): first task finished {recovery_s:.1f} s later")
+    # far below the broker's visibility timeout (1 h) and the scheduler's resend_after (10 min)
+    assert recovery_s < 30
+
+
+class Consumer:
+    """Celery's worker consumer, as far as a worker's runtime uses it: the model queues it
+    consumes, and callbacks that its own loop runs later. Like Celery's event loop, which
+    keeps them in a set, it runs them in no particular order (here: newest first)."""
+
+    def __init__(self) -> None:
+        self.task_consumer = SimpleNamespace(queues=[])
+        self.pending: list[Callable[[], object]] = []
+
+    def call_soon(self, fn: Callable[..., object], *args: object) -> None:
+        self.pending.append(lambda: fn(*args))
+
+    def run_pending(self) -> None:
+        while self.pending:
+            self.pending.pop()()
+
+    def add_task_queue(self, queue: str, *_: object) -> None:
+        self.task_consumer.queues.append(SimpleNamespace(name=queue))
+
+    def cancel_task_queue(self, queue: str) -> None:
+        self.task_consumer.queues = [q for q in self.task_consumer.queues if q.name != queue]
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted(q.name for q in self.task_consumer.queues)
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[tuple[Any, RedisServer, redis.Redis]]:
+    """A worker runtime on its own Redis server (with an append-only file), models m0, m1."""
+    from workers.runtime import Runtime
+
+    with RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")) as server:
+        cfg = Config(
+            data_dir=str(tmp_path),
+            redis_url=server.url,
+            namespace="t" + uuid.uuid4().hex[:6],
+            storage_url="file://" + str(tmp_path / "store"),
+            model_cache=str(tmp_path / "cache"),
+        )
+        r = redis.Redis.from_url(server.url)
+        for name in ("m0", "m1"):
+            ModelRegistry(r, cfg.namespace).add(ModelEntry(name=name, engine="synthetic"))
+        rt = Runtime(cfg, name="w0")
+        yield rt, server, r
+        rt.shutdown()
+
+
+def test_a_model_switch_cut_off_by_redis_blames_no_model_and_is_tried_again(
+    runtime: tuple[Any, RedisServer, redis.Redis],
+) -> None:
+    rt, server, r = runtime
+    ns, consumer = rt.config.namespace, Consumer()
+    server.crash()
+    with pytest.raises(redis.RedisError):
+        rt._switch(consumer, "m0")  # the model's entry cannot be read
+    consumer.run_pending()
+    # not switched: the assignment watcher tries again, as it does while model != assigned
+    assert rt.assigned is None and consumer.queues == []
+    server.start_again()
+    rt._switch(consumer, "m0")
+    consumer.run_pending()
+    assert rt.assigned == "m0" and rt.engine_model is not None
+    assert consumer.queues == [model_queue(ns, "m0")]
+    # the outage was counted against no model
+    assert Assignments(r, ns).blocked() == {}
+    assert not list(r.scan_iter(f"{ns}:fail:*"))
+
+
+def test_switches_whose_callbacks_run_late_and_out_of_order_end_on_the_last_model(
+    runtime: tuple[Any, RedisServer, redis.Redis],
+) -> None:
+    rt, _, _ = runtime
+    ns, consumer = rt.config.namespace, Consumer()
+    rt._switch(consumer, "m0")
+    consumer.run_pending()
+    # while the consumer's loop is held up (a broker reconnect), the assignment goes away
+    # and comes back, then moves on and back again: only the last one counts
+    for model in (None, "m0", "m1", "m0"):
+        rt._switch(consumer, model)
+    consumer.run_pending()
+    assert consumer.queues == [model_queue(ns, "m0")]
+    rt._switch(consumer, None)
+    rt._switch(consumer, "m1")
+    consumer.run_pending()
+    assert consumer.queues == [model_queue(ns, "m1")]
+
+
+def test_the_watcher_sets_right_a_consumer_that_lost_its_queue(
+    runtime: tuple[Any, RedisServer, redis.Redis],
+) -> None:
+    rt, _, r = runtime
+    ns, consumer = rt.config.namespace, Consumer()
+    Assignments(r, ns).set("w0", "m1", time.time(), rt.instance)
+    rt.watch_assignment(consumer, interval=0.05)
+    want = [model_queue(ns, "m1")]
+
+    def settled() -> bool:
+        consumer.run_pending()
+        return consumer.queues == want
+
+    wait_for(settled, 10, "the assigned model's queue consumed")
+    consumer.task_consumer.queues = []  # a reconnect that dropped what a callback did
+    wait_for(settled, 15, "the queue consumed again")
