@@ -86,6 +86,8 @@ class Runtime:
         self._beat: threading.Thread | None = None
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
+        # set when the worker begins to shut down: a task waiting for Redis gives up
+        self.stopping = threading.Event()
         self._app: Any = None
 
     # model handling
@@ -267,18 +269,18 @@ class Runtime:
             )
 
     def wait_for_redis(self, limit_s: float, settle_s: float = 0.0) -> bool:
-        """Wait ``settle_s``, then until Redis answers; False if the worker stops or
-        ``limit_s`` passes first."""
+        """Wait ``settle_s``, then until Redis answers; False if the worker begins to shut
+        down or ``limit_s`` passes first."""
         deadline = time.monotonic() + limit_s
         pause = 0.5
-        if self._stop.wait(settle_s):
+        if self.stopping.wait(settle_s):
             return False
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        while not self.stopping.is_set() and time.monotonic() < deadline:
             try:
                 self.r.ping()
                 return True
             except redis.RedisError:
-                self._stop.wait(pause)
+                self.stopping.wait(pause)
                 pause = min(5.0, pause * 2)
         return False
 
@@ -300,6 +302,7 @@ class Runtime:
         self._beat.start()
 
     def shutdown(self) -> None:
+        self.stopping.set()
         self._stop.set()
         try:
             self.registry.remove(self.name)

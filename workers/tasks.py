@@ -69,6 +69,13 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     log.info("worker %s ready on %s", rt.name, rt.device)
 
 
+@signals.worker_shutting_down.connect
+def _on_shutting_down(**_: Any) -> None:
+    # a task waiting for Redis stops waiting; the broker hands its message out again
+    if _runtime is not None:
+        _runtime.stopping.set()
+
+
 @signals.worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
     if _runtime is not None:
