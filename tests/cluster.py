@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,22 @@ class Cluster:
                 proc.kill()
         self.moto.__exit__(None, None, None)
         self.redis_server.__exit__(None, None, None)
+
+
+def tiny_models(tmp: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """One tiny SD1-layout checkpoint per name (different weights each), for ``Cluster``."""
+    from workers.engine.tiny import write_tiny_checkpoint
+
+    return {
+        name: Path(write_tiny_checkpoint(tmp / f"{name}.safetensors", seed=i))
+        for i, name in enumerate(names)
+    }
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``pred`` until it is true; TimeoutError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.02)

@@ -32,14 +32,23 @@ def broker_away(config: Config) -> Any:
     return make_app(replace(config, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
 
 
-def test_tasks_released_while_the_broker_is_away_go_out_at_the_next_round(
+def released_while_the_broker_is_away(
     submit: Submit, redis_client: redis.Redis, config: Config
-) -> None:
+) -> tuple[Scheduler, str]:
+    """A leading scheduler whose first round released tasks the broker did not take."""
     sched = Scheduler(config, redis_client)
     job = submit(count=16, batch_size=2)["id"]
     sched.app = broker_away(config)
     with pytest.raises(kombu.exceptions.OperationalError):
         sched.tick()
+    assert sched.leader and sched.unsent
+    return sched, job
+
+
+def test_tasks_released_while_the_broker_is_away_go_out_at_the_next_round(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    sched, job = released_while_the_broker_is_away(submit, redis_client, config)
     pending = sorted(
         int(t) for t in redis_client.zrange(sched.ledger.job_key(job, "pending"), 0, -1)
     )
@@ -57,12 +66,7 @@ def test_tasks_released_while_the_broker_is_away_go_out_at_the_next_round(
 def test_unsent_tasks_of_a_scheduler_that_loses_the_lead_go_out_from_the_new_leader(
     submit: Submit, redis_client: redis.Redis, config: Config
 ) -> None:
-    sched = Scheduler(config, redis_client)
-    job = submit(count=16, batch_size=2)["id"]
-    sched.app = broker_away(config)
-    with pytest.raises(kombu.exceptions.OperationalError):
-        sched.tick()
-    assert sched.unsent
+    sched, job = released_while_the_broker_is_away(submit, redis_client, config)
     sent = len(sched.unsent)
     sched.lease.release()
     redis_client.set(sched.lease.key, "another scheduler")

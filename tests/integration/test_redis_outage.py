@@ -11,6 +11,7 @@ farm is still running.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from farm.config import Config
 from farm.models import ModelEntry, ModelRegistry
 from farm.spec import JobSpec
 from farm.workers_registry import Assignments
-from tests.cluster import Cluster
+from tests.cluster import Cluster, tiny_models, wait_for
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(600)
@@ -36,25 +37,12 @@ TTL_S = 6  # heartbeat TTL of the workers' inventories
 
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    from workers.engine.tiny import write_tiny_checkpoint
-
     tmp = tmp_path_factory.mktemp("restart")
-    models = {
-        name: Path(write_tiny_checkpoint(tmp / f"{name}.safetensors", seed=i))
-        for i, name in enumerate(MODELS)
-    }
+    models = tiny_models(tmp, MODELS)
     env = {"FARM_MIN_DWELL_S": "2", "FARM_LEADER_TTL": "3", "FARM_WORKER_TTL": str(TTL_S)}
     persist = ("--appendonly", "yes", "--appendfsync", "always")
     with Cluster(tmp, workers=2, models=models, schedulers=2, env=env, redis_args=persist) as c:
         yield c
-
-
-def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize(
@@ -220,3 +208,29 @@ def test_the_watcher_sets_right_a_consumer_that_lost_its_queue(
     wait_for(settled, 10, "the assigned model's queue consumed")
     consumer.task_consumer.queues = []  # a reconnect that dropped what a callback did
     wait_for(settled, 15, "the queue consumed again")
+
+
+def test_waiting_for_redis_ends_when_it_answers_or_the_worker_stops(
+    runtime: tuple[Any, RedisServer, redis.Redis],
+) -> None:
+    rt, server, _ = runtime
+    assert rt.wait_for_redis(5.0)
+    server.crash()
+    t0 = time.monotonic()
+    assert not rt.wait_for_redis(1.0)  # gives up after its limit
+    assert 0.9 < time.monotonic() - t0 < 4
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(rt.wait_for_redis(60.0)))
+    waiter.start()
+    time.sleep(0.3)
+    server.start_again()
+    waiter.join(10)
+    assert results == [True]  # Redis answered again
+    server.crash()
+    waiter = threading.Thread(target=lambda: results.append(rt.wait_for_redis(60.0)))
+    waiter.start()
+    time.sleep(0.3)
+    rt.stopping.set()  # the worker begins to shut down (Celery's worker_shutting_down)
+    waiter.join(10)
+    assert results == [True, False]
+    server.start_again()

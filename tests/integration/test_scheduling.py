@@ -18,7 +18,7 @@ from farm.jobs import Ledger
 from farm.models import ModelEntry, ModelRegistry
 from farm.spec import JobSpec
 from storage.models import ModelStore, sha256_file
-from tests.cluster import Cluster
+from tests.cluster import Cluster, tiny_models, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 MODELS = ("m0", "m1", "m2")
@@ -27,13 +27,8 @@ BASE = {"width": 64, "height": 64, "steps": 4, "sampler_name": "Euler", "cfg_sca
 
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    from workers.engine.tiny import write_tiny_checkpoint
-
     tmp = tmp_path_factory.mktemp("sched")
-    models = {
-        name: Path(write_tiny_checkpoint(tmp / f"{name}.safetensors", seed=i))
-        for i, name in enumerate(MODELS)
-    }
+    models = tiny_models(tmp, MODELS)
     env = {"FARM_MIN_DWELL_S": "2", "FARM_LEADER_TTL": "4", "FARM_FAIL_LIMIT": "3"}
     with Cluster(tmp, workers=3, models=models, schedulers=2, env=env) as cluster:
         yield cluster
@@ -55,14 +50,6 @@ def ms(event_id: str) -> int:
 def last_event_id(ledger: Ledger) -> str:
     got = ledger.r.xrevrange(ledger.events_key, count=1)
     return got[0][0].decode() if got else "0-0"
-
-
-def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def test_each_worker_loads_exactly_what_the_policy_decided(farm: Cluster) -> None:
