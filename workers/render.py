@@ -12,6 +12,7 @@ from typing import Any
 
 from farm.celery_app import RenderMessage
 from farm.spec import ImageParams
+from storage.base import StorageError
 from storage.keys import image_key
 from storage.png import encode_png, format_parameters
 from workers.engine.base import BatchRequest, ImageRequest
@@ -66,6 +67,7 @@ def run_render(rt: Runtime, msg: RenderMessage, again: bool = False) -> dict[str
 def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImageParams]) -> None:
     first = images[0]
     indices = [p.index for p in images]
+    storing = False
     try:
         engine = rt.engine_for(first.model)
         batch = BatchRequest(
@@ -86,6 +88,7 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
         )
         sha = rt.engine_model[1] if rt.engine_model else ""
         model_hash = sha[:10] or None
+        storing = True
         for p, picture in zip(images, pictures, strict=True):
             text = format_parameters(
                 prompt=p.prompt,
@@ -106,10 +109,12 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
             )
     except REDIS_AWAY:
         raise  # the ledger is away, not the images' fault: the task runs again (see tasks)
-    except Exception:
+    except Exception as exc:
         log.exception("task of job %s images %s..%s failed", job_id, indices[0], indices[-1])
         rt.ledger.mark(job_id, indices, ok=False)
-        rt.record_failure(first.model)
+        # storage that takes no images is not the model's fault
+        if not (storing and isinstance(exc, StorageError)):
+            rt.record_failure(first.model)
         raise
     rt.ledger.mark(job_id, indices, ok=True)
     rt.stats.images += len(indices)

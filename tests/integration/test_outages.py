@@ -1,16 +1,20 @@
-"""Redis crashes and comes back mid-job, on a real farm: 2 Celery worker processes on 2 tiny
-models, 2 scheduler processes, a Redis-compatible server with an append-only file (killed
-with SIGKILL and started again on the same port) and S3 over HTTP.
+"""Outages of the parts a farm depends on, on real servers.
 
-Redis is the broker and the ledger at once, so while it is away nothing can be claimed,
-marked or sent. What must hold when it is back: every image is done exactly once and
-none is failed (an outage is not the model's fault), the tasks that were rendering when it
-died finish without waiting for the broker's visibility timeout, and every process of the
-farm is still running.
+Redis crashes and comes back mid-job, on a real farm: 2 Celery worker processes on 2 tiny
+models, 2 scheduler processes, a Redis-compatible server with an append-only file (killed
+with SIGKILL and started again on the same port) and S3 over HTTP. Redis is the broker and
+the ledger at once, so while it is away nothing can be claimed, marked or sent. What must
+hold when it is back: every image is done exactly once and none is failed (an outage is
+not the model's fault), the tasks that were rendering when it died finish without waiting
+for the broker's visibility timeout, and every process of the farm is still running.
+
+Then a worker's runtime on its own: model switches and waits cut off by Redis, and storage
+that takes no images.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import uuid
@@ -22,11 +26,12 @@ from typing import Any
 import pytest
 import redis
 
-from farm.celery_app import model_queue
+from farm.celery_app import RenderMessage, model_queue
 from farm.config import Config
 from farm.models import ModelEntry, ModelRegistry
 from farm.spec import JobSpec
 from farm.workers_registry import Assignments
+from storage import LocalStore, StorageError
 from tests.cluster import Cluster, tiny_models, wait_for
 from tests.servers import RedisServer
 
@@ -234,3 +239,36 @@ def test_waiting_for_redis_ends_when_it_answers_or_the_worker_stops(
     waiter.join(10)
     assert results == [True, False]
     server.start_again()
+
+
+def test_storage_that_takes_no_images_fails_them_and_blames_no_model(
+    runtime: tuple[Any, RedisServer, redis.Redis], tmp_path: Path
+) -> None:
+    from workers.render import run_render
+
+    rt, _, r = runtime
+    ns = rt.config.namespace
+    spec = {"prompt": "x", "count": 4, "batch_size": 4, "width": 64, "height": 64, "steps": 2}
+    Assignments(r, ns).set("w0", "m0", time.time(), rt.instance)
+    root = tmp_path / "out"
+    rt.store = LocalStore(root)
+    shutil.rmtree(root)
+    root.write_text("")  # where the images would go is a file now: every write fails
+    job = rt.ledger.create(JobSpec(model="m0", **spec)).id
+    assert rt.ledger.release(job, 1) == [0]
+    with pytest.raises(StorageError):
+        run_render(rt, RenderMessage(namespace=ns, job_id=job, task_no=0))
+    got = rt.ledger.get(job)
+    assert (got.done, got.failed, got.tasks_finished) == (0, 4, 1)  # failed, to retry
+    assert rt.ledger.running() == {}
+    assert not list(r.scan_iter(f"{ns}:fail:*"))
+    # a model whose checkpoint the store lacks is the model's fault: that one counts
+    ModelRegistry(r, ns).add(ModelEntry(name="gone", engine="sd1", sha256="0" * 64, size=1))
+    Assignments(r, ns).set("w0", "gone", time.time(), rt.instance)
+    rt.store = rt.model_store.store = LocalStore(tmp_path / "empty")
+    job = rt.ledger.create(JobSpec(model="gone", **spec)).id
+    assert rt.ledger.release(job, 1) == [0]
+    with pytest.raises(StorageError):
+        run_render(rt, RenderMessage(namespace=ns, job_id=job, task_no=0))
+    assert rt.ledger.get(job).failed == 4
+    assert [k.decode() for k in r.scan_iter(f"{ns}:fail:*")] == [f"{ns}:fail:w0|gone"]
