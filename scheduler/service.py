@@ -363,12 +363,12 @@ class Scheduler:
                 out.append(_message(job, task_no, model))
 
     def _send_all(self, messages: list[Message]) -> None:
-        """Send in order. If the broker fails, the ones not sent are kept for the next
+        """Send in order. If the broker is away, the ones not sent are kept for the next
         round (their tasks are released in the ledger already) and the error goes up."""
         for i, m in enumerate(messages):
             try:
                 self._send(m)
-            except Exception:
+            except (kombu.exceptions.OperationalError, redis.RedisError):
                 self.unsent.extend(messages[i:])
                 raise
 
