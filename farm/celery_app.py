@@ -39,6 +39,16 @@ def celery_priority(priority: int) -> int:
     return 9 - round(max(0, min(100, priority)) * 9 / 100)
 
 
+def send_render(app: Celery, msg: RenderMessage, model: str, priority: int) -> None:
+    """Put a render task on ``model``'s queue at job priority ``priority`` (0-100)."""
+    app.send_task(
+        RENDER_TASK,
+        kwargs=msg.model_dump(),
+        queue=model_queue(msg.namespace, model),
+        priority=celery_priority(priority),
+    )
+
+
 def make_app(config: Config) -> Celery:
     app = Celery("farm", broker=config.redis(), set_as_current=False)
     vt = config.visibility_timeout

@@ -34,7 +34,7 @@ from typing import Any
 import kombu.exceptions
 import redis
 
-from farm.celery_app import RENDER_TASK, RenderMessage, celery_priority, make_app, model_queue
+from farm.celery_app import RenderMessage, celery_priority, make_app, send_render
 from farm.config import Config
 from farm.jobs import RUNNABLE, JobRecord, Ledger
 from farm.workers_registry import Assignments, WorkerRegistry
@@ -375,12 +375,7 @@ class Scheduler:
     def _send(self, m: Message) -> None:
         job_id, task_no, model, priority = m
         msg = RenderMessage(namespace=self.config.namespace, job_id=job_id, task_no=task_no)
-        self.app.send_task(
-            RENDER_TASK,
-            kwargs=msg.model_dump(),
-            queue=model_queue(self.config.namespace, model),
-            priority=priority,
-        )
+        send_render(self.app, msg, model, priority)
 
     # the loop
     def run(self) -> None:
@@ -407,12 +402,12 @@ class Scheduler:
         self.stop_event.set()
 
 
-# a render task to send: job id, task number, model (its queue), broker priority
+# a render task to send: job id, task number, model (its queue), job priority (0-100)
 Message = tuple[str, int, str, int]
 
 
 def _message(job: JobRecord, task_no: int, model: str) -> Message:
-    return (job.id, task_no, model, celery_priority(job.priority))
+    return (job.id, task_no, model, job.priority)
 
 
 def _image_seconds(inventories: list[dict[str, Any]]) -> dict[str, float]:

@@ -244,16 +244,11 @@ class Runtime:
             consumer.add_task_queue(queue, queue, "direct", queue)
 
     def forward(self, msg: Any, model: str, priority: int) -> None:
-        from farm.celery_app import RENDER_TASK, celery_priority, make_app
+        from farm.celery_app import make_app, send_render
 
         if self._app is None:
             self._app = make_app(self.config)
-        self._app.send_task(
-            RENDER_TASK,
-            kwargs=msg.model_dump(),
-            queue=model_queue(self.config.namespace, model),
-            priority=celery_priority(priority),
-        )
+        send_render(self._app, msg, model, priority)
 
     def record_failure(self, model: str) -> None:
         c = self.config

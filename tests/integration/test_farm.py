@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from farm.celery_app import RENDER_TASK, RenderMessage, celery_priority, model_queue
+from farm.celery_app import RenderMessage, send_render
 from farm.spec import JobSpec
 from storage.keys import image_key
 from storage.png import parse_parameters, read_parameters
@@ -124,11 +124,9 @@ def test_a_task_delivered_twice_counts_and_writes_once(farm: Cluster) -> None:
         released = farm.ledger.release(job_id, 10)
         assert list(released) == [0, 1, 2]
         app = farm.celery()
-        queue = model_queue(farm.config.namespace, "tiny")
         for task_no in (0, 0, 1, 2, 1):
             msg = RenderMessage(namespace=farm.config.namespace, job_id=job_id, task_no=task_no)
-            app.send_task(RENDER_TASK, kwargs=msg.model_dump(), queue=queue,
-                          priority=celery_priority(50))  # fmt: skip
+            send_render(app, msg, "tiny", 50)
         job = farm.wait(job_id)
         time.sleep(1.0)  # let the duplicates drain
         job = farm.ledger.get(job_id)
