@@ -14,7 +14,16 @@ StrPath = str | PathLike[str]
 
 
 class StorageError(Exception):
-    """A storage operation failed (network, permissions, corrupted data, ...)."""
+    """A storage operation failed (network, permissions, corrupted data, ...).
+
+    ``transient``: the store could not be reached or was overloaded (connection refused or
+    cut, a timeout, an HTTP 5xx, 408 or 429, a full or stale disk), so the same request
+    may succeed later. Other failures (permissions, a bad bucket, a path that cannot
+    exist) will fail again however long one waits."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ObjectNotFound(StorageError):

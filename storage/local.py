@@ -6,6 +6,7 @@ over the target with ``os.replace``, so a reader or a crashed writer never sees 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -39,6 +40,14 @@ def atomic_write(path: Path, fill: Callable[[BinaryIO], object], *, fsync: bool 
         raise
 
 
+# a full disk, a quota, an I/O error or a stale network mount can clear up; the rest cannot
+_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE, errno.ETIMEDOUT}
+
+
+def _os_error(message: str, e: OSError) -> StorageError:
+    return StorageError(f"{message}: {e}", transient=e.errno in _TRANSIENT_ERRNOS)
+
+
 def _copy_from(src: BinaryIO) -> Callable[[BinaryIO], object]:
     return lambda dst: shutil.copyfileobj(src, dst, _CHUNK)
 
@@ -64,7 +73,7 @@ class LocalStore:
         try:
             atomic_write(path, lambda f: f.write(data), fsync=self.fsync)
         except OSError as e:
-            raise StorageError(f"cannot write {path}: {e}") from e
+            raise _os_error(f"cannot write {path}", e) from e
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -73,7 +82,7 @@ class LocalStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key, str(self.root)) from None
         except OSError as e:
-            raise StorageError(f"cannot read {path}: {e}") from e
+            raise _os_error(f"cannot read {path}", e) from e
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -91,7 +100,7 @@ class LocalStore:
         except IsADirectoryError:
             return
         except OSError as e:
-            raise StorageError(f"cannot delete {path}: {e}") from e
+            raise _os_error(f"cannot delete {path}", e) from e
         # prune now-empty parent directories, never the root itself
         parent = path.parent
         while parent != self.root:
@@ -109,7 +118,7 @@ class LocalStore:
             with open(path, "rb") as src:
                 atomic_write(dest, _copy_from(src), fsync=self.fsync)
         except OSError as e:
-            raise StorageError(f"cannot copy {path} to {dest}: {e}") from e
+            raise _os_error(f"cannot copy {path} to {dest}", e) from e
 
     def get_file(self, key: str, path: StrPath) -> None:
         src_path = self._path(key)
@@ -119,9 +128,9 @@ class LocalStore:
         except (FileNotFoundError, IsADirectoryError) as e:
             if not src_path.is_file():
                 raise ObjectNotFound(key, str(self.root)) from None
-            raise StorageError(f"cannot copy {src_path} to {path}: {e}") from e
+            raise _os_error(f"cannot copy {src_path} to {path}", e) from e
         except OSError as e:
-            raise StorageError(f"cannot copy {src_path} to {path}: {e}") from e
+            raise _os_error(f"cannot copy {src_path} to {path}", e) from e
 
     def list(self, prefix: str = "") -> Iterator[str]:
         check_prefix(prefix)

@@ -16,7 +16,8 @@ from pathlib import Path
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from storage.base import ObjectNotFound, StorageError, StrPath, check_key, check_prefix
 
@@ -42,8 +43,27 @@ def _endpoint_from_env() -> str | None:
     return None
 
 
+_BUSY = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+}
+
+
 def _error_code(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def is_transient(e: BotoCoreError | ClientError) -> bool:
+    """The endpoint was unreachable, cut the connection, timed out or said it is busy or
+    broken for now (HTTP 5xx, 408, 429): the same request may succeed later."""
+    if isinstance(e, ClientError):
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return status >= 500 or status in (408, 429) or _error_code(e) in _BUSY
+    return isinstance(e, BotoConnectionError | HTTPClientError | IncompleteReadError)
 
 
 class S3Store:
@@ -87,12 +107,12 @@ class S3Store:
     def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
         try:
             yield
-        except ClientError as e:
-            if key is not None and _error_code(e) in _NOT_FOUND:
+        except (ClientError, BotoCoreError) as e:
+            if key is not None and isinstance(e, ClientError) and _error_code(e) in _NOT_FOUND:
                 raise ObjectNotFound(key, self.describe()) from None
-            raise StorageError(f"S3 {action} failed on {self.describe()}: {e}") from e
-        except BotoCoreError as e:
-            raise StorageError(f"S3 {action} failed on {self.describe()}: {e}") from e
+            raise StorageError(
+                f"S3 {action} failed on {self.describe()}: {e}", transient=is_transient(e)
+            ) from e
 
     def create_bucket(self) -> None:
         """Create the bucket unless it exists already."""

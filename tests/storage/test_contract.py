@@ -12,6 +12,7 @@ import pytest
 from storage import ObjectNotFound, ObjectStore, StorageError
 from storage.local import LocalStore, atomic_write
 from tests.servers import MotoServer
+from tests.storage.conftest import unique_bucket
 
 MiB = 1024 * 1024
 BAD_KEYS = ["", "/abs", "a//b", "a/../b", "..", "a/", "a\x00b", "./a", "a\\b"]
@@ -160,5 +161,53 @@ def test_s3_unreachable_endpoint_is_storage_error(s3_env: MotoServer) -> None:
     from tests.servers import free_port
 
     store = S3Store("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(StorageError, match="endpoint http://127.0.0.1"):
+    with pytest.raises(StorageError, match="endpoint http://127.0.0.1") as info:
         store.get_bytes("x")
+    assert info.value.transient  # the endpoint may answer later: a worker waits for it
+
+
+def test_s3_errors_that_wait_will_not_cure_are_not_transient(s3_env: MotoServer) -> None:
+    from storage.s3 import S3Store
+
+    store = S3Store(unique_bucket(), endpoint_url=s3_env.endpoint_url)  # never created
+    with pytest.raises(StorageError, match="NoSuchBucket") as info:
+        store.put_bytes("x", b"")
+    assert not info.value.transient
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "transient"),
+    [
+        (503, "ServiceUnavailable", True),
+        (500, "InternalError", True),
+        (503, "SlowDown", True),
+        (429, "TooManyRequests", True),
+        (400, "RequestTimeout", True),
+        (403, "AccessDenied", False),
+        (400, "InvalidBucketName", False),
+        (404, "NoSuchBucket", False),
+    ],
+)
+def test_s3_answers_that_can_clear_up_are_transient(
+    status: int, code: str, transient: bool
+) -> None:
+    from botocore.exceptions import ClientError
+
+    from storage.s3 import is_transient
+
+    answer = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    assert is_transient(ClientError(answer, "PutObject")) is transient  # type: ignore[arg-type]
+
+
+def test_local_errors_that_can_clear_up_are_transient(tmp_path: Path) -> None:
+    import errno
+
+    from storage.local import _os_error
+
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "store" / "a").write_text("")  # a file where a directory should be
+    with pytest.raises(StorageError) as info:
+        store.put_bytes("a/b.png", b"x")
+    assert not info.value.transient
+    assert _os_error("w", OSError(errno.ENOSPC, "No space left on device")).transient
+    assert not _os_error("w", PermissionError(errno.EACCES, "Permission denied")).transient
