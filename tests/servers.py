@@ -62,9 +62,25 @@ class MotoServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.stop_serving()
+
+    def stop_serving(self) -> None:
+        """Close the port: connections are refused until ``serve_again``. The buckets and
+        objects stay, as moto keeps them in this process."""
         if self._server is not None:
+            wsgi = self._server._server  # ThreadedMotoServer.stop leaves its socket open
             self._server.stop()
+            if wsgi is not None:
+                wsgi.server_close()
             self._server = None
+
+    def serve_again(self) -> None:
+        """Answer on the same port again, with the same buckets and objects."""
+        from moto.server import ThreadedMotoServer
+
+        assert self._server is None and self.port, "stop_serving first"
+        self._server = ThreadedMotoServer(ip_address=LOCALHOST, port=self.port, verbose=False)
+        self._server.start()
 
     @property
     def client_kwargs(self) -> dict[str, str]:
