@@ -36,6 +36,8 @@ class Config:
     flower_port: int = 5555
     # Celery / broker
     visibility_timeout: int = 3600  # seconds; above the longest task
+    # a worker whose store is unreachable keeps trying to store each image this long
+    storage_wait: float = 300.0
     # scheduler
     queue_depth: int = 4  # tasks released but not finished, per worker (min 2 in total)
     scheduler_interval: float = 0.5  # longest wait between scheduler ticks

@@ -7,7 +7,9 @@ PNG keys are deterministic, and the ledger counts an image only when its bit fli
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from farm.celery_app import RenderMessage
@@ -19,6 +21,42 @@ from workers.engine.base import BatchRequest, ImageRequest
 from workers.runtime import REDIS_AWAY, Runtime
 
 log = logging.getLogger("farm.worker")
+
+
+class StoreAway(Exception):
+    """The store stayed unreachable until the worker began to shut down. The task is left
+    claimed and unfinished, its images neither done nor failed: the worker's heartbeat
+    ends with it, and the scheduler hands the task to another worker, as a dead one's."""
+
+
+def put_waiting(
+    put: Callable[[], None], limit_s: float, stopping: threading.Event, what: str = ""
+) -> None:
+    """Run ``put`` (one write to the store). While it fails with a transient StorageError
+    (the store unreachable or busy), try again, 0.5 s later at first and at most 10 s
+    apart, for ``limit_s`` seconds from the first failure; then the error stands. Any other
+    error stands at once. StoreAway if ``stopping`` is set while waiting."""
+    deadline = 0.0
+    pause = 0.5
+    while True:
+        try:
+            put()
+        except StorageError as exc:
+            if not exc.transient:
+                raise
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + limit_s
+                log.warning("storage unavailable, trying %s for %.0f s: %s", what, limit_s, exc)
+            if now + pause > deadline:
+                raise
+            if stopping.wait(pause):
+                raise StoreAway(f"worker stopping while storage is unavailable: {exc}") from exc
+            pause = min(10.0, pause * 2)
+        else:
+            if deadline:
+                log.warning("storage took %s again", what)
+            return
 
 
 def run_render(rt: Runtime, msg: RenderMessage, again: bool = False) -> dict[str, Any]:
@@ -52,8 +90,10 @@ def run_render(rt: Runtime, msg: RenderMessage, again: bool = False) -> dict[str
     try:
         if todo:
             _render_images(rt, job.id, job.spec.output_prefix or rt.config.output_prefix, todo)
-    except REDIS_AWAY:
-        raise  # not finished: the task runs again once Redis is back (see tasks.render)
+    except (*REDIS_AWAY, StoreAway):
+        # not finished: the task runs again once Redis is back (see tasks.render), or
+        # another worker takes it over
+        raise
     except BaseException:
         rt.ledger.finish_task(job.id, msg.task_no)  # its images are marked failed
         raise
@@ -104,11 +144,15 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
                 model_hash=model_hash,
                 extra={"Farm job": job_id, "Farm index": p.index},
             )
-            rt.store.put_bytes(
-                image_key(prefix, job_id, p.index, p.seed), encode_png(picture, text), "image/png"
+            key, data = image_key(prefix, job_id, p.index, p.seed), encode_png(picture, text)
+            put_waiting(
+                lambda k=key, d=data: rt.store.put_bytes(k, d, "image/png"),
+                rt.config.storage_wait,
+                rt.stopping,
+                key,
             )
-    except REDIS_AWAY:
-        raise  # the ledger is away, not the images' fault: the task runs again (see tasks)
+    except (*REDIS_AWAY, StoreAway):
+        raise  # the ledger or the store is away, not the images' fault (see run_render)
     except Exception as exc:
         log.exception("task of job %s images %s..%s failed", job_id, indices[0], indices[-1])
         rt.ledger.mark(job_id, indices, ok=False)

@@ -11,7 +11,7 @@ from celery import signals
 
 from farm.celery_app import RENDER_TASK, RenderMessage, make_app
 from farm.config import load
-from workers.render import run_render
+from workers.render import StoreAway, run_render
 from workers.runtime import REDIS_AWAY, Runtime
 
 log = logging.getLogger("farm.worker")
@@ -51,6 +51,10 @@ def render(self: Any, **kwargs: Any) -> dict[str, Any]:
             if not rt.wait_for_redis(config.visibility_timeout, settle):
                 raise
             attempt += 1
+        except StoreAway as exc:
+            # claimed and unfinished: the scheduler hands it on once this worker is gone
+            log.warning("task %s/%s left to another worker: %s", msg.job_id, msg.task_no, exc)
+            return {"job": msg.job_id, "task": msg.task_no, "left": str(exc)}
         except Exception as exc:
             # the images are marked failed in the ledger; do not let Celery redeliver forever
             return {

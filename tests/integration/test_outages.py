@@ -8,8 +8,11 @@ hold when it is back: every image is done exactly once and none is failed (an ou
 not the model's fault), the tasks that were rendering when it died finish without waiting
 for the broker's visibility timeout, and every process of the farm is still running.
 
-Then a worker's runtime on its own: model switches and waits cut off by Redis, and storage
-that takes no images.
+The same farm with its S3 endpoint refusing connections for longer than boto3's own
+retries: the workers wait for the store, and every image is stored and done, none failed.
+
+Then a worker's runtime on its own: model switches and waits cut off by Redis, storage
+that takes no images, and a worker that stops while its store is away.
 """
 
 from __future__ import annotations
@@ -107,6 +110,50 @@ def test_a_redis_crash_mid_job_loses_nothing(farm: Cluster, down_s: float) -> No
     print(f"\nRedis down {down_s:.0f} s (SIGKILL): first task finished {recovery_s:.1f} s later")
     # far below the broker's visibility timeout (1 h) and the scheduler's resend_after (10 min)
     assert recovery_s < 30
+
+
+STORAGE_DOWN_S = 20.0  # longer than boto3's own retries of one request (at most 15 s)
+
+
+def test_storage_away_longer_than_boto3_retries_fails_no_image(farm: Cluster) -> None:
+    base = {"width": 64, "height": 64, "steps": 4, "sampler_name": "Euler", "cfg_scale": 4.0}
+    jobs = [
+        farm.ledger.create(
+            JobSpec(**base, model=m, prompt="a store away", seed=11, count=60, batch_size=4)
+        ).id
+        for m in MODELS
+    ]
+    wait_for(lambda: all(farm.ledger.get(j).done >= 8 for j in jobs), 180, "both jobs under way")
+    farm.moto.stop_serving()  # connections refused; moto keeps the objects
+    down = time.monotonic()
+    log_before = len(farm.worker_log())
+    wait_for(
+        lambda: "storage unavailable" in farm.worker_log()[log_before:], 30, "a worker waiting"
+    )
+    time.sleep(max(0.0, STORAGE_DOWN_S - (time.monotonic() - down)))
+    done_while_away = sum(farm.ledger.get(j).done for j in jobs)
+    farm.moto.serve_again()
+    back_ms = int(farm.ledger.r.time()[0] * 1000)
+
+    for j in jobs:
+        job = farm.wait(j, timeout=240)
+        assert (job.state, job.done, job.failed) == ("done", 60, 0), job.summary()
+        assert farm.ledger.done_indices(j, 0, 100) == list(range(60))
+        keys = farm.s3.list_objects_v2(Bucket=farm.bucket, Prefix=f"out/renders/{j}/")
+        assert keys["KeyCount"] == 60
+    assert done_while_away < 120  # the outage held images back
+    assert farm.ledger.running() == {}
+    assert farm.assignments_blocked() == {}
+    assert not list(farm.r.scan_iter(f"{farm.config.namespace}:fail:*"))
+    finished = [
+        int(eid.split("-")[0])
+        for eid, ev in farm.ledger.events(after=f"{back_ms}-0", count=10**6)
+        if ev.get("type") == "task-finished"
+    ]
+    assert finished, "no task finished after the store came back"
+    recovery_s = (min(finished) - back_ms) / 1000
+    print(f"\nS3 away {STORAGE_DOWN_S:.0f} s: first task finished {recovery_s:.1f} s after")
+    assert recovery_s < 30  # the waits between tries are at most 10 s
 
 
 class Consumer:
@@ -272,3 +319,43 @@ def test_storage_that_takes_no_images_fails_them_and_blames_no_model(
         run_render(rt, RenderMessage(namespace=ns, job_id=job, task_no=0))
     assert rt.ledger.get(job).failed == 4
     assert [k.decode() for k in r.scan_iter(f"{ns}:fail:*")] == [f"{ns}:fail:w0|gone"]
+
+
+def test_a_worker_that_stops_while_storage_is_away_leaves_its_task_to_another(
+    runtime: tuple[Any, RedisServer, redis.Redis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.s3 import S3Store
+    from tests.servers import free_port
+    from workers.render import StoreAway, run_render
+
+    rt, _, r = runtime
+    ns = rt.config.namespace
+    Assignments(r, ns).set("w0", "m0", time.time(), rt.instance)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    rt.store = S3Store("away", endpoint_url=f"http://127.0.0.1:{free_port()}")  # refused
+    spec = {"prompt": "x", "count": 4, "batch_size": 4, "width": 64, "height": 64, "steps": 2}
+    job = rt.ledger.create(JobSpec(model="m0", **spec)).id
+    assert rt.ledger.release(job, 1) == [0]
+    raised: list[BaseException] = []
+
+    def render() -> None:
+        try:
+            run_render(rt, RenderMessage(namespace=ns, job_id=job, task_no=0))
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            raised.append(exc)
+
+    worker = threading.Thread(target=render)
+    worker.start()
+    wait_for(lambda: rt.ledger.running(), 10, "the task claimed")
+    time.sleep(1.0)  # rendered, and trying to store
+    assert worker.is_alive()  # still waiting for the store (FARM_STORAGE_WAIT: 300 s)
+    rt.stopping.set()  # the worker begins to shut down
+    worker.join(30)
+    assert [type(e) for e in raised] == [StoreAway]
+    got = rt.ledger.get(job)
+    # neither done nor failed, and still claimed: the scheduler hands it on once this
+    # worker's heartbeat is gone, as it does a dead worker's
+    assert (got.done, got.failed, got.tasks_finished) == (0, 0, 0)
+    assert rt.ledger.running() == {rt.instance: [(job, 0)]}
+    assert not list(r.scan_iter(f"{ns}:fail:*"))
