@@ -24,7 +24,7 @@ from farm.config import Config
 from farm.jobs import Ledger
 from farm.models import ModelEntry, ModelRegistry
 from farm.workers_registry import Assignments, WorkerRegistry
-from storage import open_store
+from storage import StorageError, open_store
 from storage.models import ModelStore
 
 log = logging.getLogger("farm.worker")
@@ -196,6 +196,9 @@ class Runtime:
                     ):
                         asked = time.monotonic()
                         consumer.call_soon(self.apply_queues, consumer)
+                except (*REDIS_AWAY, StorageError) as exc:  # away for now: retry
+                    log.warning("applying the assignment failed: %s", exc)
+                    self._stop.wait(2.0)
                 except Exception:  # noqa: BLE001 - keep following; log and retry
                     log.exception("applying the assignment failed")
                     self._stop.wait(2.0)
@@ -215,6 +218,11 @@ class Runtime:
         except REDIS_AWAY:
             # not the model's fault: the watcher switches again once Redis is back
             raise
+        except StorageError as exc:
+            if exc.transient:  # the store is away, not the model's fault: tried again
+                raise
+            log.error("%s: cannot load %s: %s", self.name, model, exc)
+            self.record_failure(model)
         except Exception as exc:  # noqa: BLE001 - a broken model must not stop the worker
             log.error("%s: cannot load %s: %s", self.name, model, exc)
             self.record_failure(model)

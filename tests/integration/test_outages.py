@@ -11,8 +11,9 @@ for the broker's visibility timeout, and every process of the farm is still runn
 The same farm with its S3 endpoint refusing connections for longer than boto3's own
 retries: the workers wait for the store, and every image is stored and done, none failed.
 
-Then a worker's runtime on its own: model switches and waits cut off by Redis, storage
-that takes no images, and a worker that stops while its store is away.
+Then a worker's runtime on its own: model switches cut off by Redis or by the store,
+waits for Redis, storage that takes no images, and a worker that stops while its store is
+away.
 """
 
 from __future__ import annotations
@@ -223,6 +224,38 @@ def test_a_model_switch_cut_off_by_redis_blames_no_model_and_is_tried_again(
     # the outage was counted against no model
     assert Assignments(r, ns).blocked() == {}
     assert not list(r.scan_iter(f"{ns}:fail:*"))
+
+
+def test_a_model_switch_with_the_store_away_blames_no_model_and_is_tried_again(
+    runtime: tuple[Any, RedisServer, redis.Redis], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.s3 import S3Store
+    from tests.servers import MotoServer
+
+    rt, _, r = runtime
+    ns, consumer = rt.config.namespace, Consumer()
+    ckpt = tiny_models(tmp_path, ("m2",))["m2"]
+    with MotoServer() as s3:
+        for name, value in s3.env.items():
+            monkeypatch.setenv(name, value)
+        rt.model_store.store = S3Store("models-" + uuid.uuid4().hex[:8], create_bucket=True)
+        blob = rt.model_store.add(ckpt)
+        ModelRegistry(r, ns).add(
+            ModelEntry(name="m2", engine="sd1", sha256=blob.sha256, size=blob.size, key=blob.key)
+        )
+        s3.stop_serving()  # connections refused
+        with pytest.raises(StorageError) as info:
+            rt._switch(consumer, "m2")
+        assert info.value.transient
+        consumer.run_pending()
+        assert rt.assigned is None and consumer.queues == []  # the watcher tries again
+        assert not list(r.scan_iter(f"{ns}:fail:*"))
+        s3.serve_again()
+        rt._switch(consumer, "m2")
+        consumer.run_pending()
+        assert rt.assigned == "m2" and rt.engine_model is not None
+        assert consumer.queues == [model_queue(ns, "m2")]
+        assert not list(r.scan_iter(f"{ns}:fail:*"))
 
 
 def test_switches_whose_callbacks_run_late_and_out_of_order_end_on_the_last_model(
