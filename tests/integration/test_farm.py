@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from farm.celery_app import RenderMessage, send_render
 from farm.spec import JobSpec
 from storage.keys import image_key
 from storage.png import parse_parameters, read_parameters
-from tests.cluster import Cluster
+from tests.cluster import Cluster, tiny_models
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -34,11 +33,8 @@ BASE = {
 
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    from workers.engine.tiny import write_tiny_checkpoint
-
     tmp = tmp_path_factory.mktemp("farm")
-    ckpt = write_tiny_checkpoint(tmp / "tiny.safetensors", seed=0)
-    with Cluster(tmp, workers=2, models={"tiny": Path(ckpt)}) as cluster:
+    with Cluster(tmp, workers=2, models=tiny_models(tmp, ("tiny",))) as cluster:
         yield cluster
 
 
@@ -118,6 +114,9 @@ def test_same_seed_same_image_in_a_batch_alone_and_on_either_worker(farm: Cluste
 
 
 def test_a_task_delivered_twice_counts_and_writes_once(farm: Cluster) -> None:
+    # a worker consumes the model's queue before the scheduler is held back, whether or not
+    # another test ran first: a held scheduler places no model
+    farm.wait(submit(farm, prompt="a first task", count=1, seed=1))
     farm.sched_enabled.clear()  # release by hand
     try:
         job_id = submit(farm, prompt="a purple circle", count=6, seed=5, batch_size=2)
