@@ -291,8 +291,9 @@ class JobRecord:
     cursor: int  # tasks released for the first time (each cell has its own cursor)
     inflight: int  # tasks in the broker or running
     requeued: int  # tasks given back (pause) or to retry, released before new ones
-    tasks_started: int
-    tasks_finished: int
+    tasks_started: int  # runs of tasks begun: a task run again (redelivered, cut off by a
+    # Redis outage, retried) counts each run, as its 'task-started' events do
+    tasks_finished: int  # tasks finished, each once however often it ran
     created_at: float
     started_at: float | None
     finished_at: float | None
