@@ -33,7 +33,8 @@ TERMINAL = ("done", "failed", "cancelled")
 RUNNABLE = ("queued", "running")
 EVENTS_MAXLEN = 100_000
 
-# KEYS: job, done, failed, active, events   ARGV: ok, now, job_id, index...
+# KEYS: job, done, failed, active, events, ended:done, ended:failed
+# ARGV: ok, now, job_id, index...
 _MARK = """
 local done_d, failed_d = 0, 0
 local ok = ARGV[1] == '1'
@@ -62,6 +63,9 @@ if done_d ~= 0 or failed_d ~= 0 then
     if failed > 0 then state = 'failed' else state = 'done' end
     redis.call('HSET', KEYS[1], 'state', state, 'finished_at', ARGV[2])
     redis.call('ZREM', KEYS[4], ARGV[3])
+    local ended = KEYS[6]
+    if state == 'failed' then ended = KEYS[7] end
+    redis.call('ZADD', ended, redis.call('HGET', KEYS[1], 'created_at'), ARGV[3])
     redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*',
       'type', 'job-' .. state, 'job', ARGV[3])
   end
@@ -191,7 +195,8 @@ end
 return out
 """
 
-# KEYS: job, active, events   ARGV: job_id, now, new_state, allowed_from (comma list)
+# KEYS: job, active, events, ended:<new_state>
+# ARGV: job_id, now, new_state, allowed_from (comma list)
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -206,13 +211,14 @@ redis.call('HSET', KEYS[1], 'state', to)
 if to == 'cancelled' or to == 'done' or to == 'failed' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
   redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
 end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'type', 'job-' .. to,
   'job', ARGV[1])
 return 'ok'
 """
 
-# KEYS: job, failed, tasks, requeue, active, events
+# KEYS: job, failed, tasks, requeue, active, events, ended:done, ended:failed
 # ARGV: job_id, now, n_images, tasks_per_cell, image..., task...
 _RETRY = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -248,12 +254,30 @@ if state == 'failed' or state == 'done' then
   redis.call('HSET', KEYS[1], 'state', state)
   redis.call('HDEL', KEYS[1], 'finished_at')
   redis.call('ZADD', KEYS[5], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('ZREM', KEYS[8], ARGV[1])
 end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'type', 'job-retry',
   'job', ARGV[1], 'images', cleared)
 return {state, cleared}
 """
 
+
+# KEYS: jobs, ended:done, ended:failed, ended:cancelled   ARGV: job key prefix, start, count
+# Indexes under the state it ended in each ended job among those of rank start ..
+# start+count-1 in ``jobs`` (oldest first), for a namespace whose jobs ended before the
+# scripts kept that index. One chunk at a time is atomic, and every script that ends a
+# job or takes it back keeps the index too, so the index is exact once all chunks ran.
+# (The job hashes are named from the prefix: the farm runs on one Redis, not a cluster.)
+_INDEX_ENDED = """
+local ids = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[2] + ARGV[3] - 1, 'WITHSCORES')
+local into = {done = KEYS[2], failed = KEYS[3], cancelled = KEYS[4]}
+for i = 1, #ids, 2 do
+  local state = redis.call('HGET', ARGV[1] .. ids[i], 'state')
+  if state and into[state] then redis.call('ZADD', into[state], ids[i + 1], ids[i]) end
+end
+return #ids / 2
+"""
 
 # KEYS: job, requeue, pending   ARGV: 1 to include the spec
 # -> {fields and values, tasks given back, tasks released and not claimed}. The spec never
@@ -369,6 +393,8 @@ class Ledger:
         self._transition = client.register_script(_TRANSITION)
         self._retry = client.register_script(_RETRY)
         self._active_view = client.register_script(_ACTIVE_VIEW)
+        self._index_ended_chunk = client.register_script(_INDEX_ENDED)
+        self._ended_indexed = False
         self._specs: dict[str, JobSpec] = {}  # active job -> its spec (see ``active``)
 
     # keys
@@ -455,15 +481,40 @@ class Ledger:
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self.job_key(job_id)))
 
+    def ended_key(self, state: str) -> str:
+        """Sorted set of the jobs that ended in ``state`` (done, failed, cancelled), by
+        submit time, kept by the scripts that end a job or take it back (retry)."""
+        return self.key("ended", state)
+
+    def index_ended(self, chunk: int = 1000) -> None:
+        """Index the jobs that ended before the scripts kept ``ended_key`` (once per
+        namespace; a no-op after that)."""
+        if self._ended_indexed:
+            return
+        marker = self.key("ended", "indexed")
+        if not self.r.exists(marker):
+            keys = [self.key("jobs"), *(self.ended_key(s) for s in TERMINAL)]
+            start = 0
+            while n := int(
+                self._index_ended_chunk(keys=keys, args=[self.job_key(""), start, chunk])
+            ):
+                start += n
+            self.r.set(marker, 1)
+        self._ended_indexed = True
+
     def list(
         self, limit: int = 50, offset: int = 0, state: str | None = None, chunk: int = 256
     ) -> list[JobRecord]:
-        """Jobs newest first. With ``state``, only the jobs in it: unfinished states are
-        looked for among the active jobs only, finished ones among all jobs, ``chunk`` at
-        a time (doubling, up to 4,096) until ``offset + limit`` are found."""
+        """Jobs newest first. With ``state``, only the jobs in it: ended states straight
+        from their index, unfinished ones looked for among the active jobs, ``chunk`` at a
+        time (doubling, up to 4,096) until ``offset + limit`` are found."""
         if not state:
             return self._records(self.r.zrevrange(self.key("jobs"), offset, offset + limit - 1))
-        source = self.key("jobs" if state in TERMINAL else "active")
+        if state in TERMINAL:
+            self.index_ended()
+            ids = self.r.zrevrange(self.ended_key(state), offset, offset + limit - 1)
+            return [j for j in self._records(ids) if j.state == state]
+        source = self.key("active")
         found: dict[str, JobRecord] = {}  # by id: a job submitted meanwhile shifts the pages
         pos = 0
         while len(found) < offset + limit:
@@ -616,6 +667,8 @@ class Ledger:
                 self.job_key(job_id, "failed"),
                 self.key("active"),
                 self.events_key,
+                self.ended_key("done"),
+                self.ended_key("failed"),
             ],
             args=["1" if ok else "0", time.time(), job_id, *indices],
         )
@@ -658,7 +711,7 @@ class Ledger:
     # controls
     def transition(self, job_id: str, to: str, allowed_from: tuple[str, ...]) -> str:
         res = self._transition(
-            keys=[self.job_key(job_id), self.key("active"), self.events_key],
+            keys=[self.job_key(job_id), self.key("active"), self.events_key, self.ended_key(to)],
             args=[job_id, time.time(), to, ",".join(allowed_from)],
         )
         return _s(res)
@@ -709,6 +762,8 @@ class Ledger:
                 self.job_key(job_id, "requeue"),
                 self.key("active"),
                 self.events_key,
+                self.ended_key("done"),
+                self.ended_key("failed"),
             ],
             args=[job_id, time.time(), len(images), plan.tasks_per_cell, *images, *tasks],
         )

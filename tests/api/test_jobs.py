@@ -9,7 +9,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from farm.config import Config
-from farm.jobs import Ledger
+from farm.jobs import TERMINAL, Ledger
 from farm.models import ModelEntry, ModelRegistry
 from farm.spec import MAX_SEED
 from storage import LocalStore
@@ -101,6 +101,46 @@ def test_list_by_state_pages_through_chunks(
             got = [j.id for j in led.list(limit=limit, offset=offset, state=state, chunk=2)]
             assert got == want[offset : offset + limit], (state, offset, limit)
     assert [j.id for j in led.list(state="queued", chunk=1)] == [ids[i] for i in (9, 6, 3, 0)]
+
+
+def test_ended_jobs_are_listed_from_their_index_and_follow_a_retry(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    led = ledger(redis_client, config)
+    ids = [submit(count=1, batch_size=1)["id"] for _ in range(6)]
+    led.mark(ids[0], [0])
+    led.mark(ids[1], [0], ok=False)
+    assert led.cancel(ids[2]) == "ok"
+    led.mark(ids[3], [0])
+    led.mark(ids[4], [0], ok=False)
+
+    def listed(state: str, lister: Ledger = led, **kw: int) -> list[str]:
+        return [j.id for j in lister.list(state=state, **kw)]
+
+    def indexed(state: str) -> list[str]:
+        return [i.decode() for i in redis_client.zrevrange(led.ended_key(state), 0, -1)]
+
+    assert listed("done") == indexed("done") == [ids[3], ids[0]]
+    assert listed("failed") == indexed("failed") == [ids[4], ids[1]]
+    assert listed("cancelled") == indexed("cancelled") == [ids[2]]
+    assert listed("done", limit=1, offset=1) == [ids[0]]
+    assert listed("done", offset=2) == []
+    assert led.retry_failed(ids[1]) == ("running", 1)  # back among the unfinished
+    assert listed("failed") == indexed("failed") == [ids[4]]
+    assert listed("running") == [ids[1]]
+    led.mark(ids[1], [0])
+    assert listed("done") == indexed("done") == [ids[3], ids[1], ids[0]]
+    assert listed("queued") == [ids[5]]
+    # a namespace whose jobs ended before the scripts kept the index: it is built at the
+    # first listing of an ended state, a chunk of jobs at a time
+    redis_client.delete(*(led.ended_key(s) for s in TERMINAL), led.key("ended", "indexed"))
+    before = Ledger(redis_client, config.namespace)
+    before.index_ended(chunk=2)
+    assert indexed("done") == [ids[3], ids[1], ids[0]]
+    assert listed("done", before) == [ids[3], ids[1], ids[0]]
+    assert listed("failed", before) == [ids[4]]
+    assert listed("cancelled", before) == [ids[2]]
+    assert redis_client.exists(led.key("ended", "indexed"))
 
 
 def test_list_rejects_bad_state_and_paging(client: TestClient) -> None:
