@@ -215,15 +215,11 @@ class Runtime:
             return
         try:
             self.engine_for(model)
-        except REDIS_AWAY:
-            # not the model's fault: the watcher switches again once Redis is back
-            raise
-        except StorageError as exc:
-            if exc.transient:  # the store is away, not the model's fault: tried again
-                raise
-            log.error("%s: cannot load %s: %s", self.name, model, exc)
-            self.record_failure(model)
         except Exception as exc:  # noqa: BLE001 - a broken model must not stop the worker
+            if isinstance(exc, REDIS_AWAY) or (isinstance(exc, StorageError) and exc.transient):
+                # not the model's fault: the watcher switches again once Redis or the store
+                # is back
+                raise
             log.error("%s: cannot load %s: %s", self.name, model, exc)
             self.record_failure(model)
         self.assigned = model
