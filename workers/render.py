@@ -156,8 +156,8 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
     except Exception as exc:
         log.exception("task of job %s images %s..%s failed", job_id, indices[0], indices[-1])
         rt.ledger.mark(job_id, indices, ok=False)
-        # storage that takes no images, or that cannot be reached, is not the model's fault
-        if not (isinstance(exc, StorageError) and (storing or exc.transient)):
+        # storage that takes no images is not the model's fault
+        if not (storing and isinstance(exc, StorageError)):
             rt.record_failure(first.model)
         raise
     rt.ledger.mark(job_id, indices, ok=True)

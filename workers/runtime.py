@@ -81,6 +81,8 @@ class Runtime:
         self.ram_models = int(os.environ.get("FARM_RAM_MODELS", "1"))
         self.current_task: str | None = None
         self.assigned: str | None = None  # model queue this worker consumes now
+        # model -> when a switch to it first found the store away (see _switch)
+        self.store_away_since: dict[str, float] = {}
         self.stats = Stats()
         self._lock = threading.Lock()
         self._beat: threading.Thread | None = None
@@ -216,12 +218,20 @@ class Runtime:
         try:
             self.engine_for(model)
         except Exception as exc:  # noqa: BLE001 - a broken model must not stop the worker
-            if isinstance(exc, REDIS_AWAY) or (isinstance(exc, StorageError) and exc.transient):
-                # not the model's fault: the watcher switches again once Redis or the store
-                # is back
-                raise
+            if isinstance(exc, REDIS_AWAY):
+                raise  # not the model's fault: the watcher switches again once Redis is back
+            if isinstance(exc, StorageError) and exc.transient:
+                # not the model's fault either, for FARM_STORAGE_WAIT seconds: the watcher
+                # tries again. A store this worker cannot reach for longer counts as any
+                # load failure, so that the model goes to workers that can load it.
+                since = self.store_away_since.setdefault(model, time.monotonic())
+                if time.monotonic() - since < self.config.storage_wait:
+                    raise
+                del self.store_away_since[model]  # a later switch waits afresh
             log.error("%s: cannot load %s: %s", self.name, model, exc)
             self.record_failure(model)
+        else:
+            self.store_away_since.pop(model, None)
         self.assigned = model
         consumer.call_soon(self.apply_queues, consumer)
         log.info("%s: serving model %s", self.name, model)
