@@ -11,10 +11,13 @@ Both are context managers that set nothing global (no environment variables)::
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +27,7 @@ from farm.redis_server import ping, redis_server_binary
 
 LOCALHOST = "127.0.0.1"
 
-__all__ = ["MotoServer", "RedisServer", "free_port", "redis_server_binary"]
+__all__ = ["MotoServer", "RedisServer", "TcpProxy", "free_port", "redis_server_binary"]
 
 
 def free_port() -> int:
@@ -104,15 +107,26 @@ class MotoServer:
 _ping = ping
 
 
+def _server_log(_dir: str, names: list[str]) -> list[str]:
+    return [n for n in names if n == "server.log"]
+
+
 class RedisServer:
     """A throwaway Redis-compatible server process: no persistence, noeviction, temp dir."""
 
     def __init__(
-        self, binary: str | None = None, extra_args: tuple[str, ...] = (), timeout_s: float = 10
+        self,
+        binary: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        timeout_s: float = 10,
+        data_from: str = "",
     ) -> None:
+        """``data_from``: a server directory whose files this one starts from (a replica
+        that took over, with ``--appendonly yes``)."""
         self.binary = binary or redis_server_binary()
         self.extra_args = tuple(extra_args)
         self.timeout_s = timeout_s
+        self.data_from = data_from
         self.port = 0
         self.dir = ""
         self.proc: subprocess.Popen[bytes] | None = None
@@ -128,6 +142,8 @@ class RedisServer:
 
     def __enter__(self) -> Self:
         self.dir = tempfile.mkdtemp(prefix="farm-redis-")
+        if self.data_from:
+            shutil.copytree(self.data_from, self.dir, dirs_exist_ok=True, ignore=_server_log)
         try:
             for _attempt in range(3):  # the free port may be taken before the server binds
                 if self._start(free_port()):
@@ -175,6 +191,7 @@ class RedisServer:
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen server cannot stop
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=5)
@@ -189,6 +206,16 @@ class RedisServer:
         self.proc.kill()
         self.proc.wait(timeout=5)
         self.proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: the server keeps its port and connections but answers nothing, as a
+        host that froze or a network that drops every packet does."""
+        assert self.proc is not None, "server not started"
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None, "server not started"
+        self.proc.send_signal(signal.SIGCONT)
 
     def start_again(self) -> None:
         """Start the server again on the same port and directory: with ``--appendonly yes``
@@ -214,3 +241,80 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class TcpProxy:
+    """A TCP relay on a free port of 127.0.0.1 to ``backend_port``, for moving a service
+    to another server behind the same address (a failover).
+
+    ``switch(port)`` sends new connections to ``port`` and leaves the ones already open
+    hanging: still open, nothing relayed either way, as after a failover whose old server
+    or network path went silent without closing anything."""
+
+    def __init__(self, backend_port: int) -> None:
+        self.backend_port = backend_port
+        self._listener = socket.create_server((LOCALHOST, 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._lock = threading.Lock()
+        self._open: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOCALHOST}:{self.port}/0"
+
+    def switch(self, backend_port: int) -> None:
+        with self._lock:
+            self.backend_port = backend_port
+            for _client, _server, relaying in self._open:
+                relaying.clear()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                port = self.backend_port
+            try:
+                server = socket.create_connection((LOCALHOST, port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            relaying = threading.Event()
+            relaying.set()
+            with self._lock:
+                self._open.append((client, server, relaying))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b, relaying), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, relaying: threading.Event) -> None:
+        try:
+            while not self._closed.is_set():
+                if not relaying.is_set():  # gone silent: hold the socket, relay nothing
+                    self._closed.wait(0.5)
+                    continue
+                if not select.select([src], [], [], 0.2)[0]:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except (OSError, ValueError):  # closed meanwhile (a closed socket's fd is -1)
+            pass
+        if relaying.is_set():  # a connection closed by one side closes the other
+            for sock in (src, dst):
+                sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+        self._listener.close()
+        with self._lock:
+            for client, server, _ in self._open:
+                client.close()
+                server.close()
