@@ -10,6 +10,7 @@ from celery import Celery
 from pydantic import BaseModel, ConfigDict
 
 from farm.config import Config
+from farm.redis_client import connection_limits
 
 RENDER_TASK = "farm.render"
 
@@ -60,6 +61,11 @@ def make_app(config: Config) -> Celery:
         # restore tasks of dead workers soon after the visibility timeout
         "unacked_restore_interval": 2,
         "unacked_restore_throttle": 1,
+        # a broker gone without closing its connections (see farm.redis_client): sends
+        # and acks give up after redis_timeout, and a consumer whose BRPOP gets no answer
+        # reconnects within about 1 + 2 x health_check_interval seconds
+        **connection_limits(config),
+        "health_check_interval": max(1, round(config.redis_timeout)),
     }
     app.conf.update(
         task_serializer="json",

@@ -188,11 +188,10 @@ def cmd_api(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_models(args: argparse.Namespace, config: Config) -> int:
-    import redis
-
     from farm.models import ModelRegistry
+    from farm.redis_client import connect
 
-    client = redis.Redis.from_url(config.redis())
+    client = connect(config)
     if args.models_cmd == "add":
         from farm.stack import register_model
 

@@ -34,6 +34,8 @@ class Config:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     flower_port: int = 5555
+    # a Redis call waits this long for an answer, then the connection counts as broken
+    redis_timeout: float = 10.0
     # Celery / broker
     visibility_timeout: int = 3600  # seconds; above the longest task
     # a worker whose store is unreachable keeps trying to store each image this long

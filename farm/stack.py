@@ -20,6 +20,7 @@ import redis
 from farm.children import die_with_parent
 from farm.config import EMBEDDED_REDIS_FILE, Config
 from farm.models import ModelEntry, ModelRegistry
+from farm.redis_client import connect
 from farm.redis_server import RedisProcess, stop_processes
 from storage import open_store
 from storage.models import ModelStore
@@ -109,7 +110,7 @@ class Stack:
             self.redis_proc = RedisProcess(Path(self.config.data_dir) / "redis").start()
             self.config = replace(self.config, redis_url=self.redis_proc.url)
             self._url_file.write_text(self.redis_proc.url + "\n")
-        client = redis.Redis.from_url(self.config.redis())
+        client = connect(self.config)
         client.ping()
         ensure_default_model(self.config, client)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ class Stack:
     def wait_for_workers(self, n: int = 1, timeout: float = 120.0) -> bool:
         from farm.workers_registry import WorkerRegistry
 
-        reg = WorkerRegistry(redis.Redis.from_url(self.config.redis()), self.config.namespace)
+        reg = WorkerRegistry(connect(self.config), self.config.namespace)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(reg.live()) >= n:

@@ -37,6 +37,7 @@ import redis
 from farm.celery_app import RenderMessage, celery_priority, make_app, send_render
 from farm.config import Config
 from farm.jobs import RUNNABLE, JobRecord, Ledger
+from farm.redis_client import connect
 from farm.workers_registry import Assignments, WorkerRegistry
 from scheduler.placement import ModelDemand, PlacementParams, WorkerState, place
 from scheduler.policy import JobView, capacity, plan_releases
@@ -140,7 +141,7 @@ def effective_priority(job: JobRecord, now: float, aging_s: float) -> int:
 class Scheduler:
     def __init__(self, config: Config, client: redis.Redis | None = None):
         self.config = config
-        self.r = client or redis.Redis.from_url(config.redis())
+        self.r = client or connect(config)
         self.ledger = Ledger(self.r, config.namespace)
         self.workers = WorkerRegistry(self.r, config.namespace)
         self.assignments = Assignments(self.r, config.namespace)
@@ -385,7 +386,10 @@ class Scheduler:
                 self.tick()
                 if self.leader:
                     # sleep until a task finishes or a job arrives, at most one interval
-                    self.ledger.wait_wake(self.config.scheduler_interval)
+                    # a blocking wait longer than redis_timeout would read as Redis away
+                    self.ledger.wait_wake(
+                        min(self.config.scheduler_interval, self.config.redis_timeout / 2)
+                    )
                 else:
                     self.stop_event.wait(self.config.leader_ttl / 3)
             except (redis.RedisError, kombu.exceptions.OperationalError) as exc:

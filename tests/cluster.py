@@ -24,11 +24,12 @@ import redis
 from farm.celery_app import make_app
 from farm.config import Config
 from farm.jobs import JobRecord, Ledger
+from farm.redis_client import connect
 from farm.stack import register_model
 from farm.workers_registry import Assignments, WorkerRegistry
 from scheduler.service import Scheduler
 from storage import open_store
-from tests.servers import MotoServer, RedisServer
+from tests.servers import MotoServer, RedisServer, TcpProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,10 +43,13 @@ class Cluster:
         schedulers: int = 0,
         env: dict[str, str] | None = None,
         redis_args: tuple[str, ...] = (),
+        redis_proxy: bool = False,
     ):
         """``schedulers`` = 0 runs the scheduler in a thread of the test process (a test
         can hold it back); N > 0 runs N ``farm scheduler`` processes (one leads).
-        ``redis_args``: more options for the Redis server (persistence, say)."""
+        ``redis_args``: more options for the Redis server (persistence, say).
+        ``redis_proxy``: every part reaches Redis through ``self.proxy``, a TcpProxy that
+        a test can switch to another server (a failover)."""
         self.tmp = tmp
         self.n_workers = workers
         self.n_schedulers = schedulers
@@ -53,6 +57,8 @@ class Cluster:
         self.scheduler_procs: list[subprocess.Popen[bytes]] = []
         self.models = models or {}
         self.redis_server = RedisServer(extra_args=redis_args)
+        self.use_proxy = redis_proxy
+        self.proxy: TcpProxy | None = None
         self.moto = MotoServer()
         self.bucket = "farm-" + uuid.uuid4().hex[:8]
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -63,13 +69,17 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         self.redis_server.__enter__()
+        redis_url = self.redis_server.url
+        if self.use_proxy:
+            self.proxy = TcpProxy(self.redis_server.port)
+            redis_url = self.proxy.url
         self.moto.__enter__()
         for k, v in self.moto.env.items():
             os.environ[k] = v  # boto3 in this process (S3Store, checks)
         self.config = replace(
             Config.from_env(self.extra_env),
             data_dir=str(self.tmp),
-            redis_url=self.redis_server.url,
+            redis_url=redis_url,
             namespace="t" + uuid.uuid4().hex[:6],
             storage_url=f"s3://{self.bucket}/out?create=1",
             model_cache=str(self.tmp / "worker-cache"),
@@ -77,7 +87,7 @@ class Cluster:
             queue_depth=2,
             scheduler_interval=0.05,
         )
-        self.r = redis.Redis.from_url(self.config.redis())
+        self.r = connect(self.config)
         self.ledger = Ledger(self.r, self.config.namespace)
         self.store = open_store(self.config.storage_url)
         self.s3 = boto3.client("s3", **self.moto.client_kwargs)
@@ -167,7 +177,11 @@ class Cluster:
     def wait(self, job_id: str, timeout: float = 180.0) -> JobRecord:
         deadline = time.monotonic() + timeout
         while True:
-            job = self.ledger.get(job_id)
+            try:
+                job = self.ledger.get(job_id)
+            except (redis.ConnectionError, redis.TimeoutError):  # Redis restarting, moving
+                time.sleep(0.1)
+                continue
             if job.state in ("done", "failed", "cancelled") and job.outstanding == 0:
                 return job
             if time.monotonic() > deadline:
@@ -187,6 +201,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.moto.__exit__(None, None, None)
+        if self.proxy is not None:
+            self.proxy.__exit__()
         self.redis_server.__exit__(None, None, None)
 
 

@@ -23,6 +23,7 @@ from farm.celery_app import model_queue
 from farm.config import Config
 from farm.jobs import Ledger
 from farm.models import ModelEntry, ModelRegistry
+from farm.redis_client import connect
 from farm.workers_registry import Assignments, WorkerRegistry
 from storage import StorageError, open_store
 from storage.models import ModelStore
@@ -65,7 +66,7 @@ class Runtime:
     def __init__(self, config: Config, name: str | None = None):
         self.config = config
         self.name = name or f"{device_label()}@{socket.gethostname()}"
-        self.r = redis.Redis.from_url(config.redis())
+        self.r = connect(config)
         self.ledger = Ledger(self.r, config.namespace)
         self.models = ModelRegistry(self.r, config.namespace)
         self.registry = WorkerRegistry(self.r, config.namespace)

@@ -35,6 +35,7 @@ from farm.api.schemas import (
 from farm.config import Config
 from farm.jobs import STATES, JobNotFound, JobRecord, Ledger
 from farm.models import ModelRegistry
+from farm.redis_client import connect
 from farm.spec import JobSpec, Plan, set_limits
 from farm.workers_registry import WorkerRegistry
 from storage.keys import image_key
@@ -148,9 +149,7 @@ def create_app(
     config = config or Config.from_env()
     set_limits(config)
     if redis_client is None:
-        redis_client = redis.Redis.from_url(
-            config.redis(), socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
-        )
+        redis_client = connect(config)
     farm = Farm(config, redis_client, store)
     app = FastAPI(
         title=TITLE,

@@ -43,6 +43,19 @@ from tests.servers import RedisServer
 pytestmark = pytest.mark.timeout(600)
 MODELS = ("m0", "m1")
 TTL_S = 6  # heartbeat TTL of the workers' inventories
+PERSIST = ("--appendonly", "yes", "--appendfsync", "always")  # every write on disk
+
+
+def recovery_after(farm: Cluster, since_ms: int, job: str | None = None) -> float:
+    """Seconds from ``since_ms`` (the server's clock, as in event ids) to the first task
+    (of ``job``, if given) that finished after it."""
+    finished = [
+        int(eid.split("-")[0])
+        for eid, ev in farm.ledger.events(after=f"{since_ms}-0", count=10**6)
+        if ev.get("type") == "task-finished" and job in (None, ev.get("job"))
+    ]
+    assert finished, "no task finished after the outage"
+    return (min(finished) - since_ms) / 1000
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +63,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
     tmp = tmp_path_factory.mktemp("restart")
     models = tiny_models(tmp, MODELS)
     env = {"FARM_MIN_DWELL_S": "2", "FARM_LEADER_TTL": "3", "FARM_WORKER_TTL": str(TTL_S)}
-    persist = ("--appendonly", "yes", "--appendfsync", "always")
-    with Cluster(tmp, workers=2, models=models, schedulers=2, env=env, redis_args=persist) as c:
+    with Cluster(tmp, workers=2, models=models, schedulers=2, env=env, redis_args=PERSIST) as c:
         yield c
 
 
@@ -102,15 +114,74 @@ def test_a_redis_crash_mid_job_loses_nothing(farm: Cluster, down_s: float) -> No
     assert all(p.poll() is None for p in farm.procs)
     wait_for(lambda: len(farm.inventories()) == 2, 30, "both workers heartbeating again")
 
-    finished = [
-        int(eid.split("-")[0])
-        for eid, ev in farm.ledger.events(after=f"{back_ms}-0", count=10**6)
-        if ev.get("type") == "task-finished"
-    ]
-    assert finished, "no task finished after Redis came back"
-    recovery_s = (min(finished) - back_ms) / 1000
+    recovery_s = recovery_after(farm, back_ms)
     print(f"\nRedis down {down_s:.0f} s (SIGKILL): first task finished {recovery_s:.1f} s later")
     # far below the broker's visibility timeout (1 h) and the scheduler's resend_after (10 min)
+    assert recovery_s < 30
+
+
+@pytest.fixture(scope="module")
+def proxied_farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """As ``farm``, with every part reaching Redis through a proxy, and a 2 s limit on
+    each Redis call (FARM_REDIS_TIMEOUT)."""
+    tmp = tmp_path_factory.mktemp("failover")
+    env = {
+        "FARM_MIN_DWELL_S": "2",
+        "FARM_LEADER_TTL": "3",
+        "FARM_WORKER_TTL": str(TTL_S),
+        "FARM_REDIS_TIMEOUT": "2",
+    }
+    with Cluster(
+        tmp,
+        workers=2,
+        models=tiny_models(tmp, MODELS),
+        schedulers=2,
+        env=env,
+        redis_args=PERSIST,
+        redis_proxy=True,
+    ) as cluster:
+        yield cluster
+
+
+def test_a_failover_to_a_copy_behind_the_same_address_loses_nothing(
+    proxied_farm: Cluster,
+) -> None:
+    farm = proxied_farm
+    assert farm.proxy is not None
+    base = {"width": 64, "height": 64, "steps": 4, "sampler_name": "Euler", "cfg_scale": 4.0}
+    jobs = [
+        farm.ledger.create(
+            JobSpec(**base, model=m, prompt="a failover", seed=3, count=60, batch_size=4)
+        ).id
+        for m in MODELS
+    ]
+    wait_for(lambda: all(farm.ledger.get(j).done >= 8 for j in jobs), 180, "both jobs under way")
+    wait_for(lambda: len(farm.ledger.r.hgetall(farm.ledger.running_key)) >= 2, 60, "2 claims")
+    old = farm.redis_server
+    old.freeze()  # silent: every connection to it stays open and unanswered
+    new = RedisServer(extra_args=PERSIST, data_from=old.dir).__enter__()  # its replica
+    farm.proxy.switch(new.port)  # the address now leads to the replica; old paths hang
+    farm.redis_server = new  # stopped with the farm
+    switched_ms = int(redis.Redis.from_url(new.url).time()[0] * 1000)
+    old.crash()
+    old.stop()
+
+    for j in jobs:
+        job = farm.wait(j, timeout=240)
+        assert (job.state, job.done, job.failed) == ("done", 60, 0), job.summary()
+        assert farm.ledger.done_indices(j, 0, 100) == list(range(60))
+        assert job.summary()["tasks_finished"] == job.plan.n_tasks
+        keys = farm.s3.list_objects_v2(Bucket=farm.bucket, Prefix=f"out/renders/{j}/")
+        assert keys["KeyCount"] == 60
+    assert farm.ledger.running() == {}
+    assert farm.assignments_blocked() == {}
+    assert not list(farm.r.scan_iter(f"{farm.config.namespace}:fail:*"))
+    assert all(p.poll() is None for p in farm.procs)
+    wait_for(lambda: len(farm.inventories()) == 2, 30, "both workers heartbeating again")
+    # each job renders on a worker of its own: both workers carried on
+    recovery_s = max(recovery_after(farm, switched_ms, j) for j in jobs)
+    print(f"\nfailover, old connections left hanging: both jobs on again {recovery_s:.1f} s later")
+    # Redis calls give up after 2 s, and a consumer's BRPOP is dropped after 1 + 2 x 2 s
     assert recovery_s < 30
 
 
@@ -147,13 +218,7 @@ def test_storage_away_longer_than_boto3_retries_fails_no_image(farm: Cluster) ->
     assert farm.ledger.running() == {}
     assert farm.assignments_blocked() == {}
     assert not list(farm.r.scan_iter(f"{farm.config.namespace}:fail:*"))
-    finished = [
-        int(eid.split("-")[0])
-        for eid, ev in farm.ledger.events(after=f"{back_ms}-0", count=10**6)
-        if ev.get("type") == "task-finished"
-    ]
-    assert finished, "no task finished after the store came back"
-    recovery_s = (min(finished) - back_ms) / 1000
+    recovery_s = recovery_after(farm, back_ms)
     print(f"\nS3 away {STORAGE_DOWN_S:.0f} s: first task finished {recovery_s:.1f} s after")
     assert recovery_s < 30  # the waits between tries are at most 10 s
 
@@ -300,6 +365,31 @@ def test_the_watcher_sets_right_a_consumer_that_lost_its_queue(
     wait_for(settled, 10, "the assigned model's queue consumed")
     consumer.task_consumer.queues = []  # a reconnect that dropped what a callback did
     wait_for(settled, 15, "the queue consumed again")
+
+
+def test_a_call_to_a_redis_that_went_silent_gives_up_after_the_timeout(
+    runtime: tuple[Any, RedisServer, redis.Redis],
+) -> None:
+    from farm.celery_app import make_app
+    from farm.redis_client import connect
+
+    rt, server, _ = runtime
+    cfg = replace(rt.config, redis_timeout=1.0)
+    client = connect(cfg)
+    assert client.ping()
+    transport = make_app(cfg).conf.broker_transport_options
+    assert (transport["socket_timeout"], transport["health_check_interval"]) == (1.0, 1)
+    server.freeze()  # the connection stays open; nothing answers
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            client.ping()
+        assert 0.9 < time.monotonic() - t0 < 3
+    finally:
+        server.thaw()
+    assert client.ping()  # a new connection once it answers again
+    with pytest.raises(ValueError, match="FARM_REDIS_TIMEOUT"):
+        connect(replace(cfg, redis_timeout=0.0))
 
 
 def test_waiting_for_redis_ends_when_it_answers_or_the_worker_stops(
