@@ -58,6 +58,36 @@ def recovery_after(farm: Cluster, since_ms: int, job: str | None = None) -> floa
     return (min(finished) - since_ms) / 1000
 
 
+def jobs_under_way(farm: Cluster, prompt: str, seed: int) -> list[str]:
+    """A job of 60 images for each model, once each has 8 done (both workers busy)."""
+    base = {"width": 64, "height": 64, "steps": 4, "sampler_name": "Euler", "cfg_scale": 4.0}
+    jobs = [
+        farm.ledger.create(
+            JobSpec(**base, model=m, prompt=prompt, seed=seed, count=60, batch_size=4)
+        ).id
+        for m in MODELS
+    ]
+    wait_for(lambda: all(farm.ledger.get(j).done >= 8 for j in jobs), 180, "both jobs under way")
+    return jobs
+
+
+def check_every_image_once(farm: Cluster, jobs: list[str]) -> None:
+    """Each job done with every image once and none failed, its PNGs all stored, no claim
+    left behind and no model blamed."""
+    for j in jobs:
+        job = farm.wait(j, timeout=240)
+        assert (job.state, job.done, job.failed) == ("done", 60, 0), job.summary()
+        # every image once: the done bitmap has each index, and its count is the counter
+        assert farm.ledger.done_indices(j, 0, 100) == list(range(60))
+        assert job.summary()["tasks_finished"] == job.plan.n_tasks
+        keys = farm.s3.list_objects_v2(Bucket=farm.bucket, Prefix=f"out/renders/{j}/")
+        assert keys["KeyCount"] == 60
+    assert farm.ledger.running() == {}
+    # an outage counts against no model
+    assert farm.assignments_blocked() == {}
+    assert not list(farm.r.scan_iter(f"{farm.config.namespace}:fail:*"))
+
+
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
     tmp = tmp_path_factory.mktemp("restart")
@@ -75,41 +105,17 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
     ],
 )
 def test_a_redis_crash_mid_job_loses_nothing(farm: Cluster, down_s: float) -> None:
-    base = {"width": 64, "height": 64, "steps": 4, "sampler_name": "Euler", "cfg_scale": 4.0}
-    jobs = [
-        farm.ledger.create(
-            JobSpec(**base, model=m, prompt="a shape", seed=7, count=60, batch_size=4)
-        ).id
-        for m in MODELS
-    ]
-    # both workers busy on their models, and tasks claimed but not finished
-    wait_for(
-        lambda: all(farm.ledger.get(j).done >= 8 for j in jobs),
-        180,
-        "both jobs under way",
-    )
+    jobs = jobs_under_way(farm, "a shape", 7)
+    # tasks claimed but not finished
     wait_for(lambda: len(farm.ledger.r.hgetall(farm.ledger.running_key)) >= 2, 60, "2 claims")
     in_flight = farm.ledger.running()
     done_before = sum(farm.ledger.get(j).done for j in jobs)
     farm.redis_server.restart(down_s=down_s)
     back_ms = int(farm.ledger.r.time()[0] * 1000)  # the server's clock, as in event ids
 
-    for j in jobs:
-        job = farm.wait(j, timeout=240)
-        assert job.state == "done", job.summary()
-        assert (job.done, job.failed) == (60, 0), job.summary()
-        # every image once: the done bitmap has each index, and its count is the counter
-        assert farm.ledger.done_indices(j, 0, 100) == list(range(60))
-        assert job.summary()["tasks_finished"] == job.plan.n_tasks
-        keys = farm.s3.list_objects_v2(Bucket=farm.bucket, Prefix=f"out/renders/{j}/")
-        assert keys["KeyCount"] == 60
-
-    # what was rendering when Redis died was finished (no claim is left behind)
+    # what was rendering when Redis died was finished too (no claim is left behind)
+    check_every_image_once(farm, jobs)
     assert sum(len(t) for t in in_flight.values()) >= 2 and done_before < 120
-    assert farm.ledger.running() == {}
-    # an outage counts against no model
-    assert farm.assignments_blocked() == {}
-    assert not list(farm.r.scan_iter(f"{farm.config.namespace}:fail:*"))
     # nothing died: both schedulers, the worker launcher, and both workers are back
     assert all(p.poll() is None for p in farm.procs)
     wait_for(lambda: len(farm.inventories()) == 2, 30, "both workers heartbeating again")
@@ -148,14 +154,7 @@ def test_a_failover_to_a_copy_behind_the_same_address_loses_nothing(
 ) -> None:
     farm = proxied_farm
     assert farm.proxy is not None
-    base = {"width": 64, "height": 64, "steps": 4, "sampler_name": "Euler", "cfg_scale": 4.0}
-    jobs = [
-        farm.ledger.create(
-            JobSpec(**base, model=m, prompt="a failover", seed=3, count=60, batch_size=4)
-        ).id
-        for m in MODELS
-    ]
-    wait_for(lambda: all(farm.ledger.get(j).done >= 8 for j in jobs), 180, "both jobs under way")
+    jobs = jobs_under_way(farm, "a failover", 3)
     wait_for(lambda: len(farm.ledger.r.hgetall(farm.ledger.running_key)) >= 2, 60, "2 claims")
     old = farm.redis_server
     old.freeze()  # silent: every connection to it stays open and unanswered
@@ -166,16 +165,7 @@ def test_a_failover_to_a_copy_behind_the_same_address_loses_nothing(
     old.crash()
     old.stop()
 
-    for j in jobs:
-        job = farm.wait(j, timeout=240)
-        assert (job.state, job.done, job.failed) == ("done", 60, 0), job.summary()
-        assert farm.ledger.done_indices(j, 0, 100) == list(range(60))
-        assert job.summary()["tasks_finished"] == job.plan.n_tasks
-        keys = farm.s3.list_objects_v2(Bucket=farm.bucket, Prefix=f"out/renders/{j}/")
-        assert keys["KeyCount"] == 60
-    assert farm.ledger.running() == {}
-    assert farm.assignments_blocked() == {}
-    assert not list(farm.r.scan_iter(f"{farm.config.namespace}:fail:*"))
+    check_every_image_once(farm, jobs)
     assert all(p.poll() is None for p in farm.procs)
     wait_for(lambda: len(farm.inventories()) == 2, 30, "both workers heartbeating again")
     # each job renders on a worker of its own: both workers carried on
@@ -189,14 +179,7 @@ STORAGE_DOWN_S = 20.0  # longer than boto3's own retries of one request (at most
 
 
 def test_storage_away_longer_than_boto3_retries_fails_no_image(farm: Cluster) -> None:
-    base = {"width": 64, "height": 64, "steps": 4, "sampler_name": "Euler", "cfg_scale": 4.0}
-    jobs = [
-        farm.ledger.create(
-            JobSpec(**base, model=m, prompt="a store away", seed=11, count=60, batch_size=4)
-        ).id
-        for m in MODELS
-    ]
-    wait_for(lambda: all(farm.ledger.get(j).done >= 8 for j in jobs), 180, "both jobs under way")
+    jobs = jobs_under_way(farm, "a store away", 11)
     farm.moto.stop_serving()  # connections refused; moto keeps the objects
     down = time.monotonic()
     log_before = len(farm.worker_log())
@@ -208,16 +191,8 @@ def test_storage_away_longer_than_boto3_retries_fails_no_image(farm: Cluster) ->
     farm.moto.serve_again()
     back_ms = int(farm.ledger.r.time()[0] * 1000)
 
-    for j in jobs:
-        job = farm.wait(j, timeout=240)
-        assert (job.state, job.done, job.failed) == ("done", 60, 0), job.summary()
-        assert farm.ledger.done_indices(j, 0, 100) == list(range(60))
-        keys = farm.s3.list_objects_v2(Bucket=farm.bucket, Prefix=f"out/renders/{j}/")
-        assert keys["KeyCount"] == 60
+    check_every_image_once(farm, jobs)
     assert done_while_away < 120  # the outage held images back
-    assert farm.ledger.running() == {}
-    assert farm.assignments_blocked() == {}
-    assert not list(farm.r.scan_iter(f"{farm.config.namespace}:fail:*"))
     recovery_s = recovery_after(farm, back_ms)
     print(f"\nS3 away {STORAGE_DOWN_S:.0f} s: first task finished {recovery_s:.1f} s after")
     assert recovery_s < 30  # the waits between tries are at most 10 s
