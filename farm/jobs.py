@@ -514,7 +514,14 @@ class Ledger:
             self.index_ended()
             ids = self.r.zrevrange(self.ended_key(state), offset, offset + limit - 1)
             return [j for j in self._records(ids) if j.state == state]
-        source = self.key("active")
+        return self.scan(self.key("active"), state, limit, offset, chunk)
+
+    def scan(
+        self, source: str, state: str, limit: int, offset: int, chunk: int = 256
+    ) -> list[JobRecord]:
+        """The jobs in ``state`` among those of sorted set ``source``, newest first: read
+        ``chunk`` records at a time (doubling, up to 4,096) until ``offset + limit`` are
+        found."""
         found: dict[str, JobRecord] = {}  # by id: a job submitted meanwhile shifts the pages
         pos = 0
         while len(found) < offset + limit:
