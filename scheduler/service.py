@@ -158,6 +158,9 @@ class Scheduler:
         # tasks released in the ledger whose message the broker did not take (it was away):
         # sent first thing next round
         self.unsent: list[Message] = []
+        # a release cut off by a Redis error may have released tasks whose numbers never
+        # came back: the next round sends every task released and not claimed
+        self.release_cut_off = False
 
     # one round
     def tick(self, now: float | None = None) -> int:
@@ -179,8 +182,9 @@ class Scheduler:
         # died between releasing a task and sending it (a duplicate is harmless); after
         # that, a look every quarter of resend_after is enough (a task is sent again
         # between 1 and 1.25 resend_after after its release) and keeps rounds cheap
-        if not was_leader:
+        if not was_leader or self.release_cut_off:
             self.resend_stale(jobs, now, 0.0)
+            self.release_cut_off = False
         elif now - self.last_stale_scan >= self.config.resend_after / 4:
             self.resend_stale(jobs, now, self.config.resend_after)
         claimed: dict[str, set[int]] = defaultdict(set)
@@ -360,8 +364,12 @@ class Scheduler:
             # each of the lane's cells has a task left: n cells are enough for n tasks; the
             # lane's cells, given-back tasks included, are all of this model
             cells = lane.cells[:n]
-            for task_no in self.ledger.release(job_id, n, cells, job.plan.tasks_per_cell):
-                out.append(_message(job, task_no, model))
+            try:
+                released = self.ledger.release(job_id, n, cells, job.plan.tasks_per_cell)
+            except redis.RedisError:
+                self.release_cut_off = True  # it may have run, its answer lost
+                raise
+            out.extend(_message(job, task_no, model) for task_no in released)
 
     def _send_all(self, messages: list[Message]) -> None:
         """Send in order. If the broker is away, the ones not sent are kept for the next

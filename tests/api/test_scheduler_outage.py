@@ -1,6 +1,7 @@
 """The scheduler when the broker does not answer, against a real Redis server: tasks the
 ledger released but the broker did not take go out at the next round, not after
-``resend_after``, and a worker that is gone keeps its claims until their tasks are sent."""
+``resend_after``, and a worker that is gone keeps its claims until their tasks are sent.
+The same for tasks released by a call whose answer Redis never delivered."""
 
 from __future__ import annotations
 
@@ -98,3 +99,28 @@ def test_a_dead_workers_claim_stays_until_its_task_is_sent(
     assert sched.ledger.claim(job, 0, "new", "new#1") == "ok"
     assert not sched.ledger.forget_running(job, 0, "gone#1")
     assert sched.ledger.running() == {"new#1": [(job, 0)]}
+
+
+def test_tasks_released_by_a_call_whose_answer_was_lost_go_out_at_the_next_round(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    sched = Scheduler(config, redis_client)
+    job = submit(count=16, batch_size=2)["id"]
+    release = sched.ledger._release
+
+    def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        release(*args, **kwargs)  # runs on the server...
+        raise redis.TimeoutError("Timeout reading from socket")  # ...its answer never comes
+
+    sched.ledger._release = answer_lost
+    with pytest.raises(redis.TimeoutError):
+        sched.tick()
+    pending = redis_client.zrange(sched.ledger.job_key(job, "pending"), 0, -1)
+    # released in the ledger, and none of them known to the scheduler, so none sent
+    assert pending and sched.unsent == [] and sched.released == 0
+    sched.ledger._release = release
+    sched.tick()  # every task released and not claimed goes out, not after resend_after
+    assert sched.recovered == len(pending)
+    assert queued(config, "synthetic") >= len(pending)
+    sched.tick()
+    assert sched.recovered == len(pending)  # once: the next round is a plain one
