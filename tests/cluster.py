@@ -180,6 +180,8 @@ class Cluster:
             try:
                 job = self.ledger.get(job_id)
             except (redis.ConnectionError, redis.TimeoutError):  # Redis restarting, moving
+                if time.monotonic() > deadline:
+                    raise
                 time.sleep(0.1)
                 continue
             if job.state in ("done", "failed", "cancelled") and job.outstanding == 0:
