@@ -171,8 +171,8 @@ class Scheduler:
             self.unsent.clear()  # a new leader sends every release not claimed again
             return 0
         now = time.time() if now is None else now
-        if self.unsent:
-            unsent, self.unsent = self.unsent, []
+        unsent, self.unsent = self.unsent, []
+        if unsent and not self.release_cut_off:  # else the full resend below sends them
             self._send_all(unsent)
         running = self.ledger.running()  # read before the inventories: see recover()
         inventories = self.workers.live()
