@@ -6,7 +6,7 @@ validates them with :func:`check_key` so that a key can never escape its root or
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from os import PathLike
 from typing import Protocol, runtime_checkable
 
@@ -86,8 +86,11 @@ class ObjectStore(Protocol):
     ) -> None:
         """Upload a local file, streaming (multipart on S3 for big files)."""
 
-    def get_file(self, key: str, path: StrPath) -> None:
-        """Download to ``path`` (streaming; ``path`` appears only when complete)."""
+    def get_file(
+        self, key: str, path: StrPath, progress: Callable[[int], object] | None = None
+    ) -> None:
+        """Download to ``path`` (streaming; ``path`` appears only when complete).
+        ``progress`` is called with the number of bytes of each piece that arrives."""
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys starting with ``prefix`` (plain string prefix), in sorted order."""

@@ -48,8 +48,18 @@ def _os_error(message: str, e: OSError) -> StorageError:
     return StorageError(f"{message}: {e}", transient=e.errno in _TRANSIENT_ERRNOS)
 
 
-def _copy_from(src: BinaryIO) -> Callable[[BinaryIO], object]:
-    return lambda dst: shutil.copyfileobj(src, dst, _CHUNK)
+def _copy_from(
+    src: BinaryIO, progress: Callable[[int], object] | None = None
+) -> Callable[[BinaryIO], object]:
+    if progress is None:
+        return lambda dst: shutil.copyfileobj(src, dst, _CHUNK)
+
+    def copy(dst: BinaryIO) -> None:
+        while chunk := src.read(_CHUNK):
+            dst.write(chunk)
+            progress(len(chunk))
+
+    return copy
 
 
 class LocalStore:
@@ -120,11 +130,13 @@ class LocalStore:
         except OSError as e:
             raise _os_error(f"cannot copy {path} to {dest}", e) from e
 
-    def get_file(self, key: str, path: StrPath) -> None:
+    def get_file(
+        self, key: str, path: StrPath, progress: Callable[[int], object] | None = None
+    ) -> None:
         src_path = self._path(key)
         try:
             with open(src_path, "rb") as src:
-                atomic_write(Path(path).absolute(), _copy_from(src), fsync=self.fsync)
+                atomic_write(Path(path).absolute(), _copy_from(src, progress), fsync=self.fsync)
         except (FileNotFoundError, IsADirectoryError) as e:
             if not src_path.is_file():
                 raise ObjectNotFound(key, str(self.root)) from None

@@ -14,7 +14,8 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,20 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX: unique temp names + os.replace suffice
     fcntl = None  # type: ignore[assignment]
 
+Progress = Callable[[int], object]  # told the bytes of each piece done
+_CHUNK = 1024 * 1024
 
-def sha256_file(path: StrPath) -> str:
-    """Hex sha256 of a file, read in chunks."""
+
+def sha256_file(path: StrPath, progress: Progress | None = None) -> str:
+    """Hex sha256 of a file, read in chunks (``progress`` is told each chunk's size)."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        if progress is None:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            progress(len(chunk))
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -72,40 +82,51 @@ class ModelStore:
             return False
         return size is None or st.st_size == size
 
-    def fetch(self, sha256: str, size: int | None = None) -> Path:
+    def fetch(self, sha256: str, size: int | None = None, progress: Progress | None = None) -> Path:
         """Local path of the model, downloaded and sha256-checked if not cached.
 
         With ``size`` given, a cached file of another size is discarded and fetched again.
+        ``progress`` is called as the download and the check go on, and every half second
+        while another thread or process on this node downloads the same model.
         Raises ObjectNotFound if the store lacks it, StorageError if its hash is wrong.
         """
         path = self.cache_path(sha256)
         if self.is_cached(sha256, size):
             return path
-        with self._locked(sha256):
+        with self._locked(sha256, progress):
             if self.is_cached(sha256, size):  # another thread or process fetched it
                 return path
-            self._download(sha256, path)
+            self._download(sha256, path, progress)
         return path
 
     @contextlib.contextmanager
-    def _locked(self, sha256: str) -> Iterator[None]:
+    def _locked(self, sha256: str, progress: Progress | None = None) -> Iterator[None]:
         if fcntl is None:  # pragma: no cover
             yield
             return
         # flock locks belong to the open file description: this excludes other threads too
         with open(self.cache_dir / f"{sha256}.lock", "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            if progress is None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            else:
+                while True:
+                    try:
+                        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        progress(0)  # waiting on a download that is under way
+                        time.sleep(0.5)
             try:
                 yield
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
-    def _download(self, sha256: str, path: Path) -> None:
+    def _download(self, sha256: str, path: Path, progress: Progress | None = None) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{sha256}.", suffix=".part")
         os.close(fd)
         try:
-            self.store.get_file(model_key(sha256), tmp)
-            actual = sha256_file(tmp)
+            self.store.get_file(model_key(sha256), tmp, progress)
+            actual = sha256_file(tmp, progress)
             if actual != sha256:
                 raise StorageError(
                     f"model {model_key(sha256)} in {self.store.describe()} is corrupted: "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -178,7 +178,9 @@ class S3Store:
                 Config=TRANSFER_CONFIG,
             )
 
-    def get_file(self, key: str, path: StrPath) -> None:
+    def get_file(
+        self, key: str, path: StrPath, progress: Callable[[int], object] | None = None
+    ) -> None:
         full = self._key(key)
         dest = Path(path).absolute()
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +188,9 @@ class S3Store:
         os.close(fd)
         try:
             with self._errors("download", key):
-                self.client.download_file(self.bucket, full, tmp, Config=TRANSFER_CONFIG)
+                self.client.download_file(
+                    self.bucket, full, tmp, Config=TRANSFER_CONFIG, Callback=progress
+                )
             os.replace(tmp, dest)
         except BaseException:
             try:

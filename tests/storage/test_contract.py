@@ -94,7 +94,9 @@ def test_big_file_streams_both_ways(store: ObjectStore, tmp_path: Path) -> None:
     store.put_file("models/big.bin", src)
     assert store.size("models/big.bin") == 20 * MiB
     dest = tmp_path / "out" / "big.bin"
-    store.get_file("models/big.bin", dest)
+    pieces: list[int] = []
+    store.get_file("models/big.bin", dest, progress=pieces.append)
+    assert sum(pieces) == 20 * MiB and len(pieces) >= 2  # told as it goes, not at the end
     digest = hashlib.sha256
     assert digest(dest.read_bytes()).digest() == digest(src.read_bytes()).digest()
     assert sorted(p.name for p in dest.parent.iterdir()) == ["big.bin"]  # no temp left

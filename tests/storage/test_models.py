@@ -114,3 +114,32 @@ def test_concurrent_fetches_download_once(
     assert sha256_file(cache / f"{blob.sha256}.safetensors") == blob.sha256
     assert sum(f.downloads for f in fetchers) == 1
     assert cache_files(cache) == [f"{blob.sha256}.safetensors"]
+
+
+def test_a_fetch_reports_progress_and_keeps_reporting_while_another_downloads(
+    store: ObjectStore, checkpoint: Path, tmp_path: Path
+) -> None:
+    """A worker's hang detection counts these calls as progress, so a load that waits on
+    another process's download of the same model is not taken for a hung one."""
+    blob = ModelStore(store, tmp_path / "up").add(checkpoint)
+    cache = tmp_path / "cache"
+    seen: list[int] = []
+    path = ModelStore(store, cache).fetch(blob.sha256, progress=seen.append)
+    size = checkpoint.stat().st_size
+    assert sha256_file(path) == blob.sha256
+    assert sum(seen) == 2 * size  # the download, then the hash check, piece by piece
+
+    other = tmp_path / "cache2"
+    holder, waiter = ModelStore(store, other), ModelStore(store, other)
+    waits: list[int] = []
+    got: list[Path] = []
+    with holder._locked(blob.sha256):  # another process is downloading it
+        t = threading.Thread(
+            target=lambda: got.append(waiter.fetch(blob.sha256, progress=waits.append))
+        )
+        t.start()
+        t.join(1.6)
+        assert t.is_alive() and got == []
+        assert waits.count(0) >= 3  # every half second while it waits
+    t.join(30)
+    assert got == [other / f"{blob.sha256}.safetensors"] and waiter.downloads == 1
