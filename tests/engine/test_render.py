@@ -166,3 +166,15 @@ def test_long_prompts_do_not_change_their_batch_mates(demo_engine, sampler):
     for i, req in enumerate(requests):
         alone = demo_engine.sample_latents(batch([req], sampler, steps=4))[0]
         assert (together[i] - alone).abs().max() < 1e-3, i
+
+
+def test_progress_is_told_of_every_step_and_changes_no_image(engine):
+    ticks = []
+    req = [ImageRequest("a red car", "ugly", 5), ImageRequest("a cat", "", 6)]
+    for sampler, steps in (("Euler", 5), ("DPM++ 2M", 3)):
+        ticks.clear()
+        images = engine.render(batch(req, sampler, steps=steps), progress=lambda: ticks.append(1))
+        assert len(ticks) == steps + 1  # one per UNet evaluation, one for the decode
+        plain = engine.render(batch(req, sampler, steps=steps))
+        for a, b in zip(images, plain, strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -46,3 +46,9 @@ def test_package_and_names_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Euler a" in out.stdout and "Karras" in out.stdout
+
+
+def test_progress_is_told_of_every_image():
+    ticks = []
+    images = SyntheticEngine().render(batch(1, 2, 3), progress=lambda: ticks.append(1))
+    assert len(images) == 3 and len(ticks) == 3

@@ -3,6 +3,7 @@ Torch-free: importing this module costs nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -11,7 +12,17 @@ from workers.engine.names import SAMPLERS, SCHEDULES, resolve_schedule
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["SAMPLERS", "SCHEDULES", "BatchRequest", "Engine", "EngineError", "ImageRequest"]
+__all__ = [
+    "SAMPLERS",
+    "SCHEDULES",
+    "BatchRequest",
+    "Engine",
+    "EngineError",
+    "ImageRequest",
+    "Progress",
+]
+
+Progress = Callable[[], object]  # called once per completed step of a render
 
 
 class EngineError(Exception):
@@ -56,4 +67,8 @@ class Engine(Protocol):
     family: str  # e.g. "sd1"
     device: str
 
-    def render(self, batch: BatchRequest) -> list[Image.Image]: ...
+    def render(self, batch: BatchRequest, progress: Progress | None = None) -> list[Image.Image]:
+        """The batch's images, in order. ``progress``, if given, is called (with no
+        arguments) at every step the engine completes, so a caller can tell a long
+        render from a hung one."""
+        ...

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from workers.engine.base import Engine, EngineError
+from workers.engine.base import Engine, EngineError, Progress
 
 SUPPORTED_FAMILIES = ("sd1",)
 SD_ATTN2_KEY = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
@@ -60,12 +60,22 @@ def probe_family(path: str | Path) -> str:
                       f"({len(tensors)} tensors, none of the SD1/SD2/SDXL/Flux keys)")
 
 
-def load_engine(path: str | Path, device: str = "cpu") -> Engine:
-    """The engine for a checkpoint: fp32 on CPU, fp16 on CUDA."""
+def import_libraries(family: str = "sd1") -> None:
+    """Import the code that loading a checkpoint of ``family`` needs (seconds the first
+    time), so that it can be done before a load whose progress is watched."""
+    if family in SUPPORTED_FAMILIES:
+        from workers.engine.sd1 import import_libraries as sd1_libraries
+
+        sd1_libraries()
+
+
+def load_engine(path: str | Path, device: str = "cpu", progress: Progress | None = None) -> Engine:
+    """The engine for a checkpoint: fp32 on CPU, fp16 on CUDA. ``progress`` is called as
+    the load goes on."""
     family = probe_family(path)
     if family not in SUPPORTED_FAMILIES:
         raise EngineError(f"{Path(path).name}: family {family} not supported yet "
                           f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
     from workers.engine.sd1 import SD1Engine
 
-    return SD1Engine.from_single_file(path, device=device)
+    return SD1Engine.from_single_file(path, device=device, progress=progress)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError
+from workers.engine.base import BatchRequest, EngineError, Progress
 from workers.engine.names import resolve_schedule
 from workers.engine.samplers import (
     ANCESTRAL,
@@ -119,8 +119,20 @@ def _load_into(model: Any, state: dict[str, Tensor], what: str, dtype: torch.dty
     return model.eval().requires_grad_(False)
 
 
-def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> SD1Components:
-    """Build unet, vae, text encoder and tokenizer from an original-layout SD1 file."""
+def import_libraries() -> None:
+    """Import what loading a checkpoint needs (diffusers and transformers import their
+    models lazily, seconds at the first use), so that a load's time is the load's own."""
+    import accelerate  # noqa: F401
+    import diffusers.loaders.single_file_utils  # noqa: F401
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: F401
+
+
+def load_components(path: str | Path, dtype: torch.dtype = torch.float32,
+                    progress: Progress | None = None) -> SD1Components:
+    """Build unet, vae, text encoder and tokenizer from an original-layout SD1 file.
+    ``progress`` is called after each step (reading the file, building each part)."""
+    tick = progress or (lambda: None)
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -136,24 +148,27 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> SD1
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     state = load_file(str(path))
+    tick()
     cfg = component_configs(metadata)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(cfg["unet"])
         vae = AutoencoderKL.from_config(cfg["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    tick()
     clip_state = convert_ldm_clip_checkpoint(state)
     if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
         clip_state = {k.removeprefix("text_model."): v for k, v in clip_state.items()}
     name = path.name
-    return SD1Components(
-        unet=_load_into(unet, convert_ldm_unet_checkpoint(state, dict(unet.config)),
-                        f"{name}: UNet", dtype),
-        vae=_load_into(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)),
-                       f"{name}: VAE", dtype),
-        text_encoder=_load_into(text_encoder, clip_state, f"{name}: text encoder", dtype),
-        tokenizer=load_tokenizer(),
-        scheduler_config=cfg["scheduler"],
-    )
+    unet = _load_into(unet, convert_ldm_unet_checkpoint(state, dict(unet.config)),
+                      f"{name}: UNet", dtype)
+    tick()
+    vae = _load_into(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)),
+                     f"{name}: VAE", dtype)
+    tick()
+    text_encoder = _load_into(text_encoder, clip_state, f"{name}: text encoder", dtype)
+    tick()
+    return SD1Components(unet=unet, vae=vae, text_encoder=text_encoder,
+                         tokenizer=load_tokenizer(), scheduler_config=cfg["scheduler"])
 
 
 class ContextKVCache:
@@ -227,10 +242,14 @@ class SD1Engine:
 
     @classmethod
     def from_single_file(cls, path: str | Path, device: str = "cpu",
-                         dtype: torch.dtype | None = None, quantize: bool = False) -> SD1Engine:
+                         dtype: torch.dtype | None = None, quantize: bool = False,
+                         progress: Progress | None = None) -> SD1Engine:
         if dtype is None:
             dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-        return cls(load_components(path, dtype), device, dtype, quantize)
+        engine = cls(load_components(path, dtype, progress), device, dtype, quantize)
+        if progress is not None:
+            progress()  # on its device
+        return engine
 
     # -------------------------------------------------------------- steps of a render
 
@@ -275,7 +294,7 @@ class SD1Engine:
         return [torch.Generator("cpu").manual_seed(r.seed) for r in batch.images]
 
     def _denoiser(self, cond: Tensor | None, uncond: Tensor | None,
-                  cfg_scale: float) -> DiscreteEpsDenoiser:
+                  cfg_scale: float, progress: Progress | None = None) -> DiscreteEpsDenoiser:
         # one context tensor for the whole render: the UNet's cross-attention layers
         # (ContextKVCache) project it to keys and values once, not at every step
         context = cond if uncond is None else torch.cat([uncond, cond])
@@ -283,19 +302,25 @@ class SD1Engine:
         def eps(x: Tensor, t: Tensor) -> Tensor:
             t = t.to(self.device)
             if uncond is None:
-                return self.unet(x.to(self.dtype), t, encoder_hidden_states=context).sample.float()
-            out = self.unet(torch.cat([x, x]).to(self.dtype), t,
-                            encoder_hidden_states=context).sample.float()
-            e_uncond, e_cond = out.chunk(2)
-            return e_uncond + cfg_scale * (e_cond - e_uncond)
+                out = self.unet(x.to(self.dtype), t, encoder_hidden_states=context).sample.float()
+            else:
+                both = self.unet(torch.cat([x, x]).to(self.dtype), t,
+                                 encoder_hidden_states=context).sample.float()
+                e_uncond, e_cond = both.chunk(2)
+                out = e_uncond + cfg_scale * (e_cond - e_uncond)
+            if progress is not None:
+                progress()  # one UNet evaluation done
+            return out
 
         return DiscreteEpsDenoiser(eps, self.alphas_cumprod, quantize=self.quantize,
                                    prediction_type=self.prediction_type)
 
     @torch.no_grad()
-    def sample_latents(self, batch: BatchRequest, initial_latents: Tensor | None = None) -> Tensor:
+    def sample_latents(self, batch: BatchRequest, initial_latents: Tensor | None = None,
+                       progress: Progress | None = None) -> Tensor:
         """Final latents before VAE decoding. ``initial_latents`` (x at the first sigma,
-        already scaled) replaces the seeded initial noise; ancestral noise stays seeded."""
+        already scaled) replaces the seeded initial noise; ancestral noise stays seeded.
+        ``progress`` is called after every UNet evaluation."""
         batch.validate()
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
@@ -316,12 +341,14 @@ class SD1Engine:
             idx = [i for i, c in enumerate(counts) if c == n]
             cond = self.encode_chunks([pos[i] for i in idx], n)
             uncond = self.encode_chunks([neg[i] for i in idx], n) if neg else None
-            out[idx] = self._sample(batch, cond, uncond, x[idx], [gens[i] for i in idx], sigmas)
+            out[idx] = self._sample(batch, cond, uncond, x[idx], [gens[i] for i in idx], sigmas,
+                                    progress)
         return out
 
     def _sample(self, batch: BatchRequest, cond: Tensor, uncond: Tensor | None, x: Tensor,
-                gens: list[torch.Generator], sigmas: Tensor) -> Tensor:
-        model = self._denoiser(cond, uncond, batch.cfg_scale)
+                gens: list[torch.Generator], sigmas: Tensor,
+                progress: Progress | None = None) -> Tensor:
+        model = self._denoiser(cond, uncond, batch.cfg_scale, progress)
         sampler = SAMPLER_FUNCTIONS[batch.sampler_name]
         if batch.sampler_name in ANCESTRAL:
             shape = x.shape[1:]
@@ -341,5 +368,8 @@ class SD1Engine:
         arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a, mode="RGB") for a in arrays]
 
-    def render(self, batch: BatchRequest) -> list[Image.Image]:
-        return self.decode(self.sample_latents(batch))
+    def render(self, batch: BatchRequest, progress: Progress | None = None) -> list[Image.Image]:
+        images = self.decode(self.sample_latents(batch, progress=progress))
+        if progress is not None:
+            progress()  # decoded
+        return images

@@ -10,7 +10,7 @@ import hashlib
 
 from PIL import Image
 
-from workers.engine.base import BatchRequest
+from workers.engine.base import BatchRequest, Progress
 
 
 def seed_colour(seed: int) -> tuple[int, int, int]:
@@ -25,7 +25,12 @@ class SyntheticEngine:
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
 
-    def render(self, batch: BatchRequest) -> list[Image.Image]:
+    def render(self, batch: BatchRequest, progress: Progress | None = None) -> list[Image.Image]:
         batch.validate()
         size = (batch.width, batch.height)
-        return [Image.new("RGB", size, seed_colour(r.seed)) for r in batch.images]
+        images = []
+        for r in batch.images:
+            images.append(Image.new("RGB", size, seed_colour(r.seed)))
+            if progress is not None:
+                progress()
+        return images
