@@ -40,6 +40,10 @@ class Config:
     visibility_timeout: int = 3600  # seconds; above the longest task
     # a worker whose store is unreachable keeps trying to store each image this long
     storage_wait: float = 300.0
+    # a model load, render or store that makes no progress this long means the worker
+    # process hangs: it ends, its task goes to another worker and the launcher starts the
+    # process again. Above the longest single sampler step or VAE decode; 0 turns it off
+    stall_timeout: float = 300.0
     # scheduler
     queue_depth: int = 4  # tasks released but not finished, per worker (min 2 in total)
     scheduler_interval: float = 0.5  # longest wait between scheduler ticks

@@ -120,7 +120,8 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
             scheduler=first.scheduler,
         )
         t0 = time.perf_counter()
-        pictures = engine.render(batch)
+        with rt.watchdog.stage(f"rendering task {rt.current_task}", first.model) as tick:
+            pictures = engine.render(batch, progress=tick)
         rt.stats.record_render(
             f"{first.model}:{first.width}x{first.height}:{first.steps}",
             time.perf_counter() - t0,
@@ -145,12 +146,13 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
                 extra={"Farm job": job_id, "Farm index": p.index},
             )
             key, data = image_key(prefix, job_id, p.index, p.seed), encode_png(picture, text)
-            put_waiting(
-                lambda k=key, d=data: rt.store.put_bytes(k, d, "image/png"),
-                rt.config.storage_wait,
-                rt.stopping,
-                key,
-            )
+
+            def put(k: str = key, d: bytes = data) -> None:
+                # one attempt is one stage: the pauses between attempts are not a hang
+                with rt.watchdog.stage(f"storing {k}"):
+                    rt.store.put_bytes(k, d, "image/png")
+
+            put_waiting(put, rt.config.storage_wait, rt.stopping, key)
     except (*REDIS_AWAY, StoreAway):
         raise  # the ledger or the store is away, not the images' fault (see run_render)
     except Exception as exc:

@@ -10,8 +10,10 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,12 +29,16 @@ from farm.redis_client import connect
 from farm.workers_registry import Assignments, WorkerRegistry
 from storage import StorageError, open_store
 from storage.models import ModelStore
+from workers.watchdog import Stall, Watchdog
 
 log = logging.getLogger("farm.worker")
 
 # errors that mean Redis is away for now (down, restarting, loading its data, a replica not
 # promoted yet), not that a model or an image is bad: what meets one is tried again later
 REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+
+# the exit status of a worker process that ended itself because its work hung
+STALL_EXIT = 70  # EX_SOFTWARE
 
 
 def worker_device() -> str:
@@ -85,9 +91,18 @@ class Runtime:
         # model -> when a switch to it first found the store away (see _switch)
         self.store_away_since: dict[str, float] = {}
         self.stats = Stats()
+        self.watchdog = Watchdog(config.stall_timeout)
+        from storage.s3 import S3Store
+
+        if isinstance(self.store, S3Store):
+            # an S3 call retries inside boto3 (up to 5 attempts, each under its own
+            # timeouts): each attempt is progress, so that only a call that never returns
+            # looks hung, and a store that is merely slow or away is left to put_waiting
+            self.store.client.meta.events.register("before-send.s3", self._store_attempt)
         self._lock = threading.Lock()
         self._beat: threading.Thread | None = None
         self._watch: threading.Thread | None = None
+        self._dog: threading.Thread | None = None
         self._stop = threading.Event()
         # set when the worker begins to shut down: a task waiting for Redis gives up
         self.stopping = threading.Event()
@@ -102,13 +117,20 @@ class Runtime:
         with self._lock:
             if self.engine is not None and self.engine_model == ident:
                 return self.engine
-            self._park()
-            t0 = time.perf_counter()
-            engine = self.parked.pop(ident, None)
-            if engine is not None:
-                engine = _move(engine, self.device)
-            else:
-                engine = self._load(entry)
+            if entry.engine != "synthetic":
+                # the engine's code (torch, diffusers) takes seconds to import the first
+                # time, reporting no progress: that is not part of the watched load
+                from workers.engine.loader import import_libraries
+
+                import_libraries(entry.engine)
+            with self.watchdog.stage(f"loading model {entry.name}", entry.name) as tick:
+                self._park()
+                t0 = time.perf_counter()
+                engine = self.parked.pop(ident, None)
+                if engine is not None:
+                    engine = _move(engine, self.device)
+                else:
+                    engine = self._load(entry, tick)
             dt = time.perf_counter() - t0
             self.engine, self.engine_model = engine, ident
             self.stats.loads += 1
@@ -136,15 +158,15 @@ class Runtime:
         self.engine = None
         self.engine_model = None
 
-    def _load(self, entry: ModelEntry) -> Any:
+    def _load(self, entry: ModelEntry, progress: Any = None) -> Any:
         if entry.engine == "synthetic":
             from workers.engine.synthetic import SyntheticEngine
 
             return SyntheticEngine()
         from workers.engine.loader import load_engine
 
-        path = self.model_store.fetch(entry.sha256)
-        return load_engine(path, device=self.device)
+        path = self.model_store.fetch(entry.sha256, progress=progress)
+        return load_engine(path, device=self.device, progress=progress)
 
     # inventory / heartbeat
     def inventory(self) -> dict[str, Any]:
@@ -310,6 +332,70 @@ class Runtime:
 
         self._beat = threading.Thread(target=loop, name="farm-heartbeat", daemon=True)
         self._beat.start()
+
+    # hang detection: see workers.watchdog
+    def _store_attempt(self, **_: Any) -> None:
+        self.watchdog.tick_here()  # returns None: botocore sends the request as usual
+
+    def start_watchdog(self, interval: float | None = None) -> None:
+        """Check every few seconds that no stage of work has stalled; on a stall, end the
+        process (``on_stall``). Nothing starts when FARM_STALL_TIMEOUT is 0."""
+        limit = self.watchdog.limit_s
+        if limit <= 0:
+            return
+        interval = interval or min(5.0, max(0.2, limit / 5))
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                stall = self.watchdog.stalled()
+                if stall is not None:
+                    self.on_stall(stall)
+
+        self._dog = threading.Thread(target=loop, name="farm-watchdog", daemon=True)
+        self._dog.start()
+
+    def on_stall(self, stall: Stall, exit: Any = os._exit) -> None:
+        """A stage of work hung: nothing this process does can free its device or finish
+        the task, so it ends (``exit(STALL_EXIT)``) and the launcher starts it again. First
+        it says where it hung (the stuck thread's stack, in the log), counts a failure against
+        the model it worked with (a model that hangs every time is kept off this worker
+        like one that fails to load), and leaves the inventory, so that the scheduler hands
+        its task to another worker at once rather than when the heartbeat expires."""
+        log.error(
+            "%s: %s made no progress for %.0f s (FARM_STALL_TIMEOUT=%s); the worker process "
+            "ends and its task goes to another worker",
+            self.name,
+            stall.what,
+            stall.seconds,
+            self.config.stall_timeout,
+        )
+        frame = sys._current_frames().get(stall.thread)
+        if frame is not None:
+            log.error("where it hangs:\n%s", "".join(traceback.format_stack(frame)).rstrip())
+        self.stopping.set()
+        self._stop.set()
+        try:
+            self.r.xadd(
+                self.ledger.events_key,
+                {
+                    "type": "worker-stalled",
+                    "worker": self.name,
+                    "instance": self.instance,
+                    "stage": stall.what,
+                    "model": stall.model or "",
+                    "task": self.current_task or "",
+                    "seconds": f"{stall.seconds:.1f}",
+                },
+                maxlen=100_000,
+                approximate=True,
+            )
+            if stall.model:
+                self.record_failure(stall.model)
+            self.registry.remove(self.name)
+        except redis.RedisError as exc:  # the heartbeat expires instead
+            log.warning("could not report the stall: %s", exc)
+        logging.shutdown()
+        exit(STALL_EXIT)
 
     def shutdown(self) -> None:
         self.stopping.set()

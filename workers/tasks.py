@@ -68,6 +68,7 @@ def render(self: Any, **kwargs: Any) -> dict[str, Any]:
 def _on_ready(sender: Any = None, **_: Any) -> None:
     rt = runtime(getattr(sender, "hostname", None))
     rt.start_heartbeat()
+    rt.start_watchdog()
     if sender is not None:
         rt.watch_assignment(sender)
     log.info("worker %s ready on %s", rt.name, rt.device)
