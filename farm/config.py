@@ -57,6 +57,9 @@ class Config:
     fail_limit: int = 3  # failures of one model on one worker within fail_window ...
     fail_window: float = 300.0
     fail_block: float = 600.0  # ... keep that worker off that model this long
+    # a task whose worker died under it this many times (killed, crashed, hung) fails its
+    # images rather than going to yet another worker
+    task_losses: int = 3
     # limits of a job spec
     max_width: int = 2048
     max_height: int = 2048

@@ -218,6 +218,16 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'type', 'job-' .. to,
 return 'ok'
 """
 
+# KEYS: lost   ARGV: task_no, instance
+# Per task, the deaths of workers that held it ('<task>') and the last one ('<task>:by').
+_LOSE = """
+if redis.call('HGET', KEYS[1], ARGV[1] .. ':by') == ARGV[2] then
+  return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or 0)
+end
+redis.call('HSET', KEYS[1], ARGV[1] .. ':by', ARGV[2])
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+
 # KEYS: job, failed, tasks, requeue, active, events, ended:done, ended:failed
 # ARGV: job_id, now, n_images, tasks_per_cell, image..., task...
 _RETRY = """
@@ -392,6 +402,7 @@ class Ledger:
         self._release = client.register_script(_RELEASE)
         self._transition = client.register_script(_TRANSITION)
         self._retry = client.register_script(_RETRY)
+        self._lose = client.register_script(_LOSE)
         self._active_view = client.register_script(_ACTIVE_VIEW)
         self._index_ended_chunk = client.register_script(_INDEX_ENDED)
         self._ended_indexed = False
@@ -663,6 +674,20 @@ class Ledger:
         res = self._forget_claim(keys=[self.running_key], args=[f"{job_id}/{task_no}", instance])
         return bool(res)
 
+    def lose_task(self, job_id: str, task_no: int, instance: str) -> int:
+        """Count that worker process ``instance`` died while it held this task; the
+        number of times so far. Counting one death again changes nothing. A retry of the
+        job's failed images starts the count again."""
+        res = self._lose(keys=[self.job_key(job_id, "lost")], args=[task_no, instance])
+        return int(res)
+
+    def fail_task(self, job_id: str, task_no: int) -> bool:
+        """End a task without running it again: its images not done are failed (a retry
+        renders them). False if it had finished already."""
+        task = self.get(job_id).plan.task(task_no)
+        self.mark(job_id, list(range(task.start, task.end)), ok=False)
+        return self.finish_task(job_id, task_no)
+
     def mark(self, job_id: str, indices: list[int], ok: bool = True) -> dict[str, Any]:
         """Record images as done (or failed). Returns the deltas and the new counters."""
         if not indices:
@@ -774,6 +799,9 @@ class Ledger:
             ],
             args=[job_id, time.time(), len(images), plan.tasks_per_cell, *images, *tasks],
         )
+        if int(n):  # the tasks go out again with their count of lost workers at zero
+            fields = [f"{t}{s}" for t in tasks for s in ("", ":by")]
+            self.r.hdel(self.job_key(job_id, "lost"), *fields)
         self.wake()
         return _s(state), int(n)
 

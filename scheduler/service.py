@@ -140,6 +140,8 @@ def effective_priority(job: JobRecord, now: float, aging_s: float) -> int:
 
 class Scheduler:
     def __init__(self, config: Config, client: redis.Redis | None = None):
+        if config.task_losses < 1:
+            raise ValueError(f"FARM_TASK_LOSSES={config.task_losses}: must be at least 1")
         self.config = config
         self.r = client or connect(config)
         self.ledger = Ledger(self.r, config.namespace)
@@ -223,21 +225,46 @@ class Scheduler:
                 except KeyError:
                     job = None
                 if job is not None and job.state in RUNNABLE:
-                    # sent before the claim is dropped: if the broker is away, the claim
-                    # stays and the next round tries again
-                    self._send(_message(job, task_no, job.plan.task_model(task_no)))
-                    self.recovered += 1
-                    self.r.xadd(
-                        self.ledger.events_key,
-                        {"type": "task-recovered", "job": job_id, "task": task_no,
-                         "dead": instance},
-                        maxlen=100_000,
-                        approximate=True,
-                    )  # fmt: skip
-                    log.warning(
-                        "worker %s is gone; task %s/%s sent again", instance, job_id, task_no
-                    )
+                    # a task that every worker dies of (a crash in a driver, a hang, the
+                    # host's OOM killer) would take the whole farm down one worker after
+                    # another: past FARM_TASK_LOSSES deaths its images fail instead
+                    losses = self.ledger.lose_task(job_id, task_no, instance)
+                    if losses >= self.config.task_losses:
+                        self._give_up(job_id, task_no, instance, losses)
+                    else:
+                        # sent before the claim is dropped: if the broker is away, the
+                        # claim stays and the next round tries again
+                        self._send(_message(job, task_no, job.plan.task_model(task_no)))
+                        self.recovered += 1
+                        self.r.xadd(
+                            self.ledger.events_key,
+                            {"type": "task-recovered", "job": job_id, "task": task_no,
+                             "dead": instance, "losses": losses},
+                            maxlen=100_000,
+                            approximate=True,
+                        )  # fmt: skip
+                        log.warning(
+                            "worker %s is gone; task %s/%s sent again", instance, job_id, task_no
+                        )
                 self.ledger.forget_running(job_id, task_no, instance)
+
+    def _give_up(self, job_id: str, task_no: int, instance: str, losses: int) -> None:
+        self.ledger.fail_task(job_id, task_no)
+        self.r.xadd(
+            self.ledger.events_key,
+            {"type": "task-failed", "job": job_id, "task": task_no, "dead": instance,
+             "losses": losses,
+             "reason": f"{losses} worker processes died holding it (FARM_TASK_LOSSES)"},
+            maxlen=100_000,
+            approximate=True,
+        )  # fmt: skip
+        log.error(
+            "task %s/%s: %d worker processes died holding it; its images are failed "
+            "(a retry renders them again)",
+            job_id,
+            task_no,
+            losses,
+        )
 
     def demands(
         self,
