@@ -44,12 +44,14 @@ class Cluster:
         env: dict[str, str] | None = None,
         redis_args: tuple[str, ...] = (),
         redis_proxy: bool = False,
+        local_store: bool = False,
     ):
         """``schedulers`` = 0 runs the scheduler in a thread of the test process (a test
         can hold it back); N > 0 runs N ``farm scheduler`` processes (one leads).
         ``redis_args``: more options for the Redis server (persistence, say).
         ``redis_proxy``: every part reaches Redis through ``self.proxy``, a TcpProxy that
-        a test can switch to another server (a failover)."""
+        a test can switch to another server (a failover).
+        ``local_store``: the store is a directory (``tmp/store``) rather than S3."""
         self.tmp = tmp
         self.n_workers = workers
         self.n_schedulers = schedulers
@@ -58,6 +60,7 @@ class Cluster:
         self.models = models or {}
         self.redis_server = RedisServer(extra_args=redis_args)
         self.use_proxy = redis_proxy
+        self.local_store = local_store
         self.proxy: TcpProxy | None = None
         self.moto = MotoServer()
         self.bucket = "farm-" + uuid.uuid4().hex[:8]
@@ -81,7 +84,11 @@ class Cluster:
             data_dir=str(self.tmp),
             redis_url=redis_url,
             namespace="t" + uuid.uuid4().hex[:6],
-            storage_url=f"s3://{self.bucket}/out?create=1",
+            storage_url=(
+                f"file://{self.tmp / 'store'}"
+                if self.local_store
+                else f"s3://{self.bucket}/out?create=1"
+            ),
             model_cache=str(self.tmp / "worker-cache"),
             worker_ttl=int(self.extra_env.get("FARM_WORKER_TTL", 10)),
             queue_depth=2,
