@@ -16,6 +16,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,7 +159,7 @@ class Runtime:
         self.engine = None
         self.engine_model = None
 
-    def _load(self, entry: ModelEntry, progress: Any = None) -> Any:
+    def _load(self, entry: ModelEntry, progress: Callable[..., object] | None = None) -> Any:
         if entry.engine == "synthetic":
             from workers.engine.synthetic import SyntheticEngine
 
@@ -354,13 +355,14 @@ class Runtime:
         self._dog = threading.Thread(target=loop, name="farm-watchdog", daemon=True)
         self._dog.start()
 
-    def on_stall(self, stall: Stall, exit: Any = os._exit) -> None:
+    def on_stall(self, stall: Stall) -> None:
         """A stage of work hung: nothing this process does can free its device or finish
-        the task, so it ends (``exit(STALL_EXIT)``) and the launcher starts it again. First
-        it says where it hung (the stuck thread's stack, in the log), counts a failure against
-        the model it worked with (a model that hangs every time is kept off this worker
-        like one that fails to load), and leaves the inventory, so that the scheduler hands
-        its task to another worker at once rather than when the heartbeat expires."""
+        the task, so it ends with STALL_EXIT and the launcher starts it again. First it
+        says where it hung (the stuck thread's stack, in the log), counts a failure
+        against the model it worked with (a model that hangs every time is kept off this
+        worker like one that fails to load), and leaves the inventory, so that the
+        scheduler hands its task to another worker at once rather than when the heartbeat
+        expires."""
         log.error(
             "%s: %s made no progress for %.0f s (FARM_STALL_TIMEOUT=%s); the worker process "
             "ends and its task goes to another worker",
@@ -374,6 +376,8 @@ class Runtime:
             log.error("where it hangs:\n%s", "".join(traceback.format_stack(frame)).rstrip())
         self.stopping.set()
         self._stop.set()
+        if self._beat is not None:  # a beat under way would publish the inventory again
+            self._beat.join(self.config.redis_timeout)
         try:
             self.r.xadd(
                 self.ledger.events_key,
@@ -395,7 +399,7 @@ class Runtime:
         except redis.RedisError as exc:  # the heartbeat expires instead
             log.warning("could not report the stall: %s", exc)
         logging.shutdown()
-        exit(STALL_EXIT)
+        os._exit(STALL_EXIT)  # the stuck thread cannot be stopped; the process can
 
     def shutdown(self) -> None:
         self.stopping.set()
