@@ -770,12 +770,7 @@ class Ledger:
             raise ValueError("priority must be between 0 and 100")
         if not self.r.hset(self.job_key(job_id), "priority", priority) and not self.exists(job_id):
             raise JobNotFound(job_id)
-        self.r.xadd(
-            self.events_key,
-            {"type": "job-priority", "job": job_id, "priority": priority},
-            maxlen=EVENTS_MAXLEN,
-            approximate=True,
-        )
+        self.event({"type": "job-priority", "job": job_id, "priority": priority})
         self.wake()
 
     def retry_failed(self, job_id: str) -> tuple[str, int]:
@@ -806,6 +801,10 @@ class Ledger:
         return _s(state), int(n)
 
     # events
+    def event(self, fields: dict[str, Any]) -> None:
+        """Append an event (its ``type`` and fields) to the stream, capped in length."""
+        self.r.xadd(self.events_key, fields, maxlen=EVENTS_MAXLEN, approximate=True)
+
     def events(self, after: str = "", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
         """Events after stream id ``after`` (all from the start when empty)."""
         start = f"({after}" if after else "-"

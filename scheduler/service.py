@@ -236,12 +236,9 @@ class Scheduler:
                         # claim stays and the next round tries again
                         self._send(_message(job, task_no, job.plan.task_model(task_no)))
                         self.recovered += 1
-                        self.r.xadd(
-                            self.ledger.events_key,
+                        self.ledger.event(
                             {"type": "task-recovered", "job": job_id, "task": task_no,
-                             "dead": instance, "losses": losses},
-                            maxlen=100_000,
-                            approximate=True,
+                             "dead": instance, "losses": losses}
                         )  # fmt: skip
                         log.warning(
                             "worker %s is gone; task %s/%s sent again", instance, job_id, task_no
@@ -250,13 +247,10 @@ class Scheduler:
 
     def _give_up(self, job_id: str, task_no: int, instance: str, losses: int) -> None:
         self.ledger.fail_task(job_id, task_no)
-        self.r.xadd(
-            self.ledger.events_key,
+        self.ledger.event(
             {"type": "task-failed", "job": job_id, "task": task_no, "dead": instance,
              "losses": losses,
-             "reason": f"{losses} worker processes died holding it (FARM_TASK_LOSSES)"},
-            maxlen=100_000,
-            approximate=True,
+             "reason": f"{losses} worker processes died holding it (FARM_TASK_LOSSES)"}
         )  # fmt: skip
         log.error(
             "task %s/%s: %d worker processes died holding it; its images are failed "
@@ -332,11 +326,8 @@ class Scheduler:
         for name, model in decision.items():
             if model != current.get(name, (None, 0.0))[0]:
                 load = self.assignments.set(name, model, now, instances.get(name, ""))
-                self.r.xadd(
-                    self.ledger.events_key,
-                    {"type": "assign", "worker": name, "model": model or "", "load": int(load)},
-                    maxlen=100_000,
-                    approximate=True,
+                self.ledger.event(
+                    {"type": "assign", "worker": name, "model": model or "", "load": int(load)}
                 )
                 log.info("worker %s -> model %s", name, model)
             if model:

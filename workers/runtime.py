@@ -137,16 +137,13 @@ class Runtime:
             self.stats.loads += 1
             self.stats.load_seconds[entry.name] = dt
             log.info("%s loaded model %s in %.2f s", self.name, entry.name, dt)
-            self.r.xadd(
-                self.ledger.events_key,
+            self.ledger.event(
                 {
                     "type": "model-loaded",
                     "worker": self.name,
                     "model": entry.name,
                     "seconds": f"{dt:.3f}",
-                },
-                maxlen=100_000,
-                approximate=True,
+                }
             )
             return engine
 
@@ -379,8 +376,7 @@ class Runtime:
         if self._beat is not None:  # a beat under way would publish the inventory again
             self._beat.join(self.config.redis_timeout)
         try:
-            self.r.xadd(
-                self.ledger.events_key,
+            self.ledger.event(
                 {
                     "type": "worker-stalled",
                     "worker": self.name,
@@ -389,9 +385,7 @@ class Runtime:
                     "model": stall.model or "",
                     "task": self.current_task or "",
                     "seconds": f"{stall.seconds:.1f}",
-                },
-                maxlen=100_000,
-                approximate=True,
+                }
             )
             if stall.model:
                 self.record_failure(stall.model)
