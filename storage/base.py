@@ -11,6 +11,7 @@ from os import PathLike
 from typing import Protocol, runtime_checkable
 
 StrPath = str | PathLike[str]
+Progress = Callable[[int], object]  # told the bytes of each piece of a transfer done
 
 
 class StorageError(Exception):
@@ -86,9 +87,7 @@ class ObjectStore(Protocol):
     ) -> None:
         """Upload a local file, streaming (multipart on S3 for big files)."""
 
-    def get_file(
-        self, key: str, path: StrPath, progress: Callable[[int], object] | None = None
-    ) -> None:
+    def get_file(self, key: str, path: StrPath, progress: Progress | None = None) -> None:
         """Download to ``path`` (streaming; ``path`` appears only when complete).
         ``progress`` is called with the number of bytes of each piece that arrives."""
 

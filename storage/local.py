@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.base import ObjectNotFound, StorageError, StrPath, check_key, check_prefix
+from storage.base import ObjectNotFound, Progress, StorageError, StrPath, check_key, check_prefix
 
 TMP_PREFIX = ".tmp-"
 _CHUNK = 1024 * 1024
@@ -48,9 +48,7 @@ def _os_error(message: str, e: OSError) -> StorageError:
     return StorageError(f"{message}: {e}", transient=e.errno in _TRANSIENT_ERRNOS)
 
 
-def _copy_from(
-    src: BinaryIO, progress: Callable[[int], object] | None = None
-) -> Callable[[BinaryIO], object]:
+def _copy_from(src: BinaryIO, progress: Progress | None = None) -> Callable[[BinaryIO], object]:
     if progress is None:
         return lambda dst: shutil.copyfileobj(src, dst, _CHUNK)
 
@@ -130,9 +128,7 @@ class LocalStore:
         except OSError as e:
             raise _os_error(f"cannot copy {path} to {dest}", e) from e
 
-    def get_file(
-        self, key: str, path: StrPath, progress: Callable[[int], object] | None = None
-    ) -> None:
+    def get_file(self, key: str, path: StrPath, progress: Progress | None = None) -> None:
         src_path = self._path(key)
         try:
             with open(src_path, "rb") as src:

@@ -15,11 +15,11 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.base import ObjectStore, StorageError, StrPath
+from storage.base import ObjectStore, Progress, StorageError, StrPath
 from storage.keys import model_key
 
 try:
@@ -27,7 +27,6 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX: unique temp names + os.replace suffice
     fcntl = None  # type: ignore[assignment]
 
-Progress = Callable[[int], object]  # told the bytes of each piece done
 _CHUNK = 1024 * 1024
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from storage.base import ObjectNotFound, StorageError, StrPath, check_key, check_prefix
+from storage.base import ObjectNotFound, Progress, StorageError, StrPath, check_key, check_prefix
 
 MiB = 1024 * 1024
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -178,9 +178,7 @@ class S3Store:
                 Config=TRANSFER_CONFIG,
             )
 
-    def get_file(
-        self, key: str, path: StrPath, progress: Callable[[int], object] | None = None
-    ) -> None:
+    def get_file(self, key: str, path: StrPath, progress: Progress | None = None) -> None:
         full = self._key(key)
         dest = Path(path).absolute()
         dest.parent.mkdir(parents=True, exist_ok=True)
