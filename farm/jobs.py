@@ -6,6 +6,7 @@ Per job (all keys under the farm's namespace ``<ns>:``)::
     job:<id>:done     bitmap, bit k set once image k is stored
     job:<id>:failed   bitmap, bit k set when image k failed (cleared if it later succeeds)
     job:<id>:tasks    bitmap, bit t set once task t has finished (or was skipped)
+    job:<id>:errors   list, newest first, of why runs of its tasks failed (the last 100)
     jobs              zset of all job ids by creation time
     active            zset of jobs the scheduler still releases tasks for, by creation time
     events            stream of progress events
@@ -32,6 +33,9 @@ STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
 TERMINAL = ("done", "failed", "cancelled")
 RUNNABLE = ("queued", "running")
 EVENTS_MAXLEN = 100_000
+ERRORS_KEPT = 100  # failures kept per job, newest first (the job counts them all)
+ERROR_CHARS = 1000  # of an error's text
+ERROR_STAGES = ("load", "render", "store", "hang", "lost")
 
 # KEYS: job, done, failed, active, events, ended:done, ended:failed
 # ARGV: ok, now, job_id, index...
@@ -222,10 +226,10 @@ return 'ok'
 # Per task, the deaths of workers that held it ('<task>') and the last one ('<task>:by').
 _LOSE = """
 if redis.call('HGET', KEYS[1], ARGV[1] .. ':by') == ARGV[2] then
-  return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or 0)
+  return {tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or 0), 0}
 end
 redis.call('HSET', KEYS[1], ARGV[1] .. ':by', ARGV[2])
-return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+return {redis.call('HINCRBY', KEYS[1], ARGV[1], 1), 1}
 """
 
 # KEYS: job, failed, tasks, requeue, active, events, ended:done, ended:failed
@@ -307,6 +311,14 @@ end
 return {h, redis.call('ZRANGE', KEYS[2], 0, -1), redis.call('ZRANGE', KEYS[3], 0, -1)}
 """
 
+# KEYS: job, errors   ARGV: entry (JSON), kept
+_RECORD_ERROR = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+return redis.call('HINCRBY', KEYS[1], 'errors', 1)
+"""
+
 
 class JobNotFound(KeyError):
     pass
@@ -332,6 +344,7 @@ class JobRecord:
     started_at: float | None
     finished_at: float | None
     last_release: float | None = None
+    errors: int = 0  # failed runs of its tasks recorded (``Ledger.errors`` has the last)
     extra: dict[str, Any] = field(default_factory=dict)
     cell_cursors: dict[int, int] = field(default_factory=dict)  # cell -> next task never
     # released, for the cells released from at or after ``full_cells`` (others: their first)
@@ -379,6 +392,7 @@ class JobRecord:
             "failed": self.failed,
             "tasks": self.n_tasks,
             "tasks_finished": self.tasks_finished,
+            "errors": self.errors,
             "images_per_s": round(self.rate(), 4),
             "eta_s": None if self.eta() is None else round(self.eta() or 0.0, 1),
             "created_at": self.created_at,
@@ -403,6 +417,7 @@ class Ledger:
         self._transition = client.register_script(_TRANSITION)
         self._retry = client.register_script(_RETRY)
         self._lose = client.register_script(_LOSE)
+        self._record_error = client.register_script(_RECORD_ERROR)
         self._active_view = client.register_script(_ACTIVE_VIEW)
         self._index_ended_chunk = client.register_script(_INDEX_ENDED)
         self._ended_indexed = False
@@ -674,12 +689,12 @@ class Ledger:
         res = self._forget_claim(keys=[self.running_key], args=[f"{job_id}/{task_no}", instance])
         return bool(res)
 
-    def lose_task(self, job_id: str, task_no: int, instance: str) -> int:
-        """Count that worker process ``instance`` died while it held this task; the
-        number of times so far. Counting one death again changes nothing. A retry of the
-        job's failed images starts the count again."""
-        res = self._lose(keys=[self.job_key(job_id, "lost")], args=[task_no, instance])
-        return int(res)
+    def lose_task(self, job_id: str, task_no: int, instance: str) -> tuple[int, bool]:
+        """Count that worker process ``instance`` died while it held this task: the
+        number of times so far, and whether this death is new. Counting one death again
+        changes nothing. A retry of the job's failed images starts the count again."""
+        n, new = self._lose(keys=[self.job_key(job_id, "lost")], args=[task_no, instance])
+        return int(n), bool(new)
 
     def fail_task(self, job_id: str, task_no: int) -> bool:
         """End a task without running it again: its images not done are failed (a retry
@@ -687,6 +702,51 @@ class Ledger:
         task = self.get(job_id).plan.task(task_no)
         self.mark(job_id, list(range(task.start, task.end)), ok=False)
         return self.finish_task(job_id, task_no)
+
+    def record_error(
+        self,
+        job_id: str,
+        task_no: int | None,
+        images: Sequence[int],
+        *,
+        stage: str,
+        error: str,
+        worker: str,
+        model: str,
+        images_failed: bool,
+    ) -> bool:
+        """Keep why a run of a task failed, so that the job says it (the API's
+        ``/v1/jobs/<id>/errors``, ``farm errors``), not only a worker's log: the
+        ``stage`` it failed in (``ERROR_STAGES``), the error, the worker and model, the
+        images the run was for, and whether they are now failed (or the task goes to
+        another worker). ``task_no`` None: no task of the job ran, but it waits for what
+        failed (a worker loading the job's model ahead of its tasks). Call it before
+        marking the images failed, so that a job seen as failed already tells why. The
+        last ``ERRORS_KEPT`` are kept; the job counts all. False if there is no such job."""
+        if stage not in ERROR_STAGES:
+            raise ValueError(f"stage must be one of {', '.join(ERROR_STAGES)}")
+        entry = {
+            "at": round(time.time(), 3),
+            "task": None if task_no is None else int(task_no),
+            "images": [int(i) for i in images],
+            "stage": stage,
+            "error": error[:ERROR_CHARS],
+            "worker": worker,
+            "model": model,
+            "images_failed": bool(images_failed),
+        }
+        res = self._record_error(
+            keys=[self.job_key(job_id), self.job_key(job_id, "errors")],
+            args=[json.dumps(entry), ERRORS_KEPT],
+        )
+        return int(res) >= 0
+
+    def errors(self, job_id: str, offset: int = 0, limit: int = 50) -> list[dict[str, Any]]:
+        """The failures recorded for a job (see ``record_error``), newest first."""
+        if limit <= 0:
+            return []
+        got = self.r.lrange(self.job_key(job_id, "errors"), offset, offset + limit - 1)
+        return [json.loads(e) for e in got]
 
     def mark(self, job_id: str, indices: list[int], ok: bool = True) -> dict[str, Any]:
         """Record images as done (or failed). Returns the deltas and the new counters."""
@@ -814,6 +874,11 @@ class Ledger:
         ]
 
 
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception, at most ``ERROR_CHARS`` long."""
+    return f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -844,6 +909,7 @@ def _record(h: dict[Any, Any], requeued: int = 0, spec: JobSpec | None = None) -
         started_at=_f(h.get("started_at")),
         finished_at=_f(h.get("finished_at")),
         last_release=_f(h.get("last_release")),
+        errors=int(h.get("errors", 0)),
         extra={"batch_size": int(h.get("batch_size", 0)) or None},
     )
     job.full_cells, job.cell_cursors = _cell_cursors(h, job)

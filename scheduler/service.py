@@ -228,8 +228,11 @@ class Scheduler:
                     # a task that every worker dies of (a crash in a driver, a hang, the
                     # host's OOM killer) would take the whole farm down one worker after
                     # another: past FARM_TASK_LOSSES deaths its images fail instead
-                    losses = self.ledger.lose_task(job_id, task_no, instance)
-                    if losses >= self.config.task_losses:
+                    losses, new = self.ledger.lose_task(job_id, task_no, instance)
+                    give_up = losses >= self.config.task_losses
+                    if new:
+                        self._record_loss(job, task_no, instance, losses, give_up)
+                    if give_up:
                         self._give_up(job_id, task_no, instance, losses)
                     else:
                         # sent before the claim is dropped: if the broker is away, the
@@ -244,6 +247,23 @@ class Scheduler:
                             "worker %s is gone; task %s/%s sent again", instance, job_id, task_no
                         )
                 self.ledger.forget_running(job_id, task_no, instance)
+
+    def _record_loss(
+        self, job: JobRecord, task_no: int, instance: str, losses: int, give_up: bool
+    ) -> None:
+        task = job.plan.task(task_no)
+        then = "its images fail" if give_up else "the task goes to another worker"
+        self.ledger.record_error(
+            job.id,
+            task_no,
+            range(task.start, task.end),
+            stage="lost",
+            error=f"worker process {instance} died or hung holding the task "
+            f"({losses} of FARM_TASK_LOSSES={self.config.task_losses}); {then}",
+            worker=instance.partition("#")[0],
+            model=job.plan.task_model(task_no),
+            images_failed=give_up,
+        )
 
     def _give_up(self, job_id: str, task_no: int, instance: str, losses: int) -> None:
         self.ledger.fail_task(job_id, task_no)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from farm.celery_app import RenderMessage
+from farm.jobs import error_text
 from farm.spec import ImageParams
 from storage.base import StorageError
 from storage.keys import image_key
@@ -87,9 +88,11 @@ def run_render(rt: Runtime, msg: RenderMessage, again: bool = False) -> dict[str
     done = rt.ledger.done_flags(job.id, span)
     todo = [plan.image(i) for i, d in zip(span, done, strict=True) if not d]
     rt.current_task = f"{job.id}/{msg.task_no}"
+    rt.task_thread = threading.get_ident()
     try:
         if todo:
-            _render_images(rt, job.id, job.spec.output_prefix or rt.config.output_prefix, todo)
+            prefix = job.spec.output_prefix or rt.config.output_prefix
+            _render_images(rt, job.id, msg.task_no, prefix, todo)
     except (*REDIS_AWAY, StoreAway):
         # not finished: the task runs again once Redis is back (see tasks.render), or
         # another worker takes it over
@@ -104,12 +107,15 @@ def run_render(rt: Runtime, msg: RenderMessage, again: bool = False) -> dict[str
     return {"job": job.id, "task": msg.task_no, "rendered": len(todo)}
 
 
-def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImageParams]) -> None:
+def _render_images(
+    rt: Runtime, job_id: str, task_no: int, prefix: str, images: list[ImageParams]
+) -> None:
     first = images[0]
     indices = [p.index for p in images]
-    storing = False
+    stage = "load"
     try:
         engine = rt.engine_for(first.model)
+        stage = "render"
         batch = BatchRequest(
             images=tuple(ImageRequest(p.prompt, p.negative_prompt, p.seed) for p in images),
             width=first.width,
@@ -129,7 +135,7 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
         )
         sha = rt.engine_model[1] if rt.engine_model else ""
         model_hash = sha[:10] or None
-        storing = True
+        stage = "store"
         for p, picture in zip(images, pictures, strict=True):
             text = format_parameters(
                 prompt=p.prompt,
@@ -157,9 +163,19 @@ def _render_images(rt: Runtime, job_id: str, prefix: str, images: list[ImagePara
         raise  # the ledger or the store is away, not the images' fault (see run_render)
     except Exception as exc:
         log.exception("task of job %s images %s..%s failed", job_id, indices[0], indices[-1])
+        rt.ledger.record_error(
+            job_id,
+            task_no,
+            indices,
+            stage=stage,
+            error=error_text(exc),
+            worker=rt.name,
+            model=first.model,
+            images_failed=True,
+        )
         rt.ledger.mark(job_id, indices, ok=False)
         # storage that takes no images is not the model's fault
-        if not (storing and isinstance(exc, StorageError)):
+        if not (stage == "store" and isinstance(exc, StorageError)):
             rt.record_failure(first.model)
         raise
     rt.ledger.mark(job_id, indices, ok=True)

@@ -24,7 +24,7 @@ import redis
 
 from farm.celery_app import model_queue
 from farm.config import Config
-from farm.jobs import Ledger
+from farm.jobs import RUNNABLE, JobNotFound, Ledger, error_text
 from farm.models import ModelEntry, ModelRegistry
 from farm.redis_client import connect
 from farm.workers_registry import Assignments, WorkerRegistry
@@ -88,6 +88,7 @@ class Runtime:
         self.parked: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.ram_models = int(os.environ.get("FARM_RAM_MODELS", "1"))
         self.current_task: str | None = None
+        self.task_thread: int | None = None  # the thread that runs current_task
         self.assigned: str | None = None  # model queue this worker consumes now
         # model -> when a switch to it first found the store away (see _switch)
         self.store_away_since: dict[str, float] = {}
@@ -251,6 +252,7 @@ class Runtime:
                 del self.store_away_since[model]  # a later switch waits afresh
             log.error("%s: cannot load %s: %s", self.name, model, exc)
             self.record_failure(model)
+            self.record_model_error(model, "load", error_text(exc))
         else:
             self.store_away_since.pop(model, None)
         self.assigned = model
@@ -357,7 +359,8 @@ class Runtime:
         the task, so it ends with STALL_EXIT and the launcher starts it again. First it
         says where it hung (the stuck thread's stack, in the log), counts a failure
         against the model it worked with (a model that hangs every time is kept off this
-        worker like one that fails to load), and leaves the inventory, so that the
+        worker like one that fails to load), records the hang in the failures of the job
+        it holds up (see ``_record_stall``), and leaves the inventory, so that the
         scheduler hands its task to another worker at once rather than when the heartbeat
         expires."""
         log.error(
@@ -389,11 +392,62 @@ class Runtime:
             )
             if stall.model:
                 self.record_failure(stall.model)
+            try:
+                self._record_stall(stall)
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the process ends whatever fails here
+                log.warning("could not record the stall in the job: %s", exc)
             self.registry.remove(self.name)
         except redis.RedisError as exc:  # the heartbeat expires instead
             log.warning("could not report the stall: %s", exc)
         logging.shutdown()
         os._exit(STALL_EXIT)  # the stuck thread cannot be stopped; the process can
+
+    def _record_stall(self, stall: Stall) -> None:
+        """Keep the hang in the failures of the job it holds up: the task's, if the task's
+        own thread hung, else (a model loading ahead of its tasks) those of the jobs that
+        wait for the model. A job whose model hangs every worker waits with nothing
+        failed, and this is where it says why."""
+        text = (
+            f"no progress for {stall.seconds:.0f} s while {stall.what} "
+            f"(FARM_STALL_TIMEOUT={self.config.stall_timeout:g}); the worker process ended"
+        )
+        current = self.current_task
+        if current is None or stall.thread != self.task_thread:
+            if stall.model:
+                self.record_model_error(stall.model, "hang", text)
+            return
+        job_id, _, task_no = current.partition("/")
+        try:
+            plan = self.ledger.get(job_id).plan
+        except JobNotFound:
+            return
+        task = plan.task(int(task_no))
+        self.ledger.record_error(
+            job_id,
+            task.task_no,
+            range(task.start, task.end),
+            stage="hang",
+            error=text,
+            worker=self.name,
+            model=stall.model or plan.task_model(task.task_no),
+            images_failed=False,
+        )
+
+    def record_model_error(self, model: str, stage: str, error: str, most: int = 50) -> None:
+        """A load of ``model`` ahead of its tasks (on a switch of assignment) failed or
+        hung: tell the unfinished jobs that render with it (the oldest ``most``), whose
+        tasks may now wait for a worker that can hold it. Their entries name no task."""
+        told = 0
+        for job in self.ledger.active():
+            if told >= most:
+                break
+            if job.state in RUNNABLE and model in job.plan.models():
+                told += self.ledger.record_error(
+                    job.id, None, (), stage=stage, error=error, worker=self.name,
+                    model=model, images_failed=False,
+                )  # fmt: skip
 
     def shutdown(self) -> None:
         self.stopping.set()

@@ -51,7 +51,7 @@ def test_a_task_whose_workers_keep_dying_fails_its_images_after_the_limit(
         assert got["task-recovered"]["losses"] == str(n) and "task-failed" not in got
         assert queued(config, "synthetic") == n  # sent again each time
     # the same death seen twice (a round whose send failed keeps the claim) counts once
-    assert led.lose_task(job, 1, "w1#b") == 2
+    assert led.lose_task(job, 1, "w1#b") == (2, False)
     led.mark(job, [2])  # the last worker stored one of the two images before it died
     got = lost_in(sched, job, 1, "w2#c")
     assert "task-recovered" not in got and queued(config, "synthetic") == 2  # not sent
@@ -61,6 +61,18 @@ def test_a_task_whose_workers_keep_dying_fails_its_images_after_the_limit(
     rec = led.get(job)
     assert (rec.done, rec.failed, rec.tasks_finished) == (1, 1, 1)  # image 3 failed
     assert led.claim(job, 1, "w3", "w3#d") == "ok" and not led.finish_task(job, 1)
+    # the job's failure list says what happened to task 1, once per death, newest first
+    errors = led.errors(job)
+    assert [(e["task"], e["stage"], e["worker"], e["images_failed"]) for e in errors] == [
+        (1, "lost", "w2", True), (1, "lost", "w1", False), (1, "lost", "w0", False)
+    ]  # fmt: skip
+    assert all(e["images"] == [2, 3] and e["model"] == "synthetic" for e in errors)
+    assert errors[0]["error"] == (
+        "worker process w2#c died or hung holding the task (3 of FARM_TASK_LOSSES=3); "
+        "its images fail"
+    )
+    assert "(1 of FARM_TASK_LOSSES=3); the task goes to another worker" in errors[2]["error"]
+    assert rec.errors == 3
 
     # another task of the job is not touched by task 1's count
     assert lost_in(sched, job, 2, "w0#e")["task-recovered"]["losses"] == "1"

@@ -137,7 +137,7 @@ def test_a_task_delivered_twice_counts_and_writes_once(farm: Cluster) -> None:
 
         rt = Runtime(farm.config, name="test-redelivery")
         plan = job.plan
-        _render_images(rt, job_id, "renders", [plan.image(k) for k in range(0, 2)])
+        _render_images(rt, job_id, 0, "renders", [plan.image(k) for k in range(0, 2)])
         after = farm.ledger.get(job_id)
         assert (after.done, after.failed, after.state) == (6, 0, "done")
         again = [png_at(farm, job_id, k, 5 + k) for k in range(6)]

@@ -112,6 +112,14 @@ def test_a_worker_hung_in_a_model_load_ends_itself_and_the_model_is_kept_off_it(
     # no worker can load the hung model now: its job waits, none of its images failed
     rec = farm.ledger.get(stuck)
     assert (rec.done, rec.failed, rec.state) == (0, 0, "queued")
+    # ... and says why: each worker hung loading its model (ahead of the job's tasks, or
+    # in one, which then went to another worker)
+    errors = farm.ledger.errors(stuck)
+    hangs = [e for e in errors if e["stage"] == "hang"]
+    assert sorted(e["worker"] for e in hangs) == sorted(f["worker"] for f in found)
+    assert all("s while loading model stuck (FARM_STALL_TIMEOUT=3)" in e["error"] for e in hangs)
+    assert all(e["model"] == "stuck" and not e["images_failed"] for e in errors)
+    assert {e["stage"] for e in errors} <= {"hang", "lost"} and rec.errors == len(errors)
     assert farm.ledger.cancel(stuck) == "ok"
 
 
@@ -155,6 +163,12 @@ def test_a_task_its_workers_die_of_fails_after_three_deaths_and_a_retry_renders_
     restarted = [f for _, f in events[at:] if f["type"] == "task-started"
                  and f["job"] == job_id and f["task"] == str(poisoned)]  # fmt: skip
     assert restarted == []  # no fourth worker was sent to it
+    errors = farm.ledger.errors(job_id)
+    assert [(e["task"], e["stage"], e["images_failed"]) for e in errors] == [
+        (poisoned, "lost", True), (poisoned, "lost", False), (poisoned, "lost", False)
+    ]  # fmt: skip
+    assert {e["worker"] for e in errors} == {i.partition("#")[0] for i in killed}
+    assert "(3 of FARM_TASK_LOSSES=3); its images fail" in errors[0]["error"]
 
     assert farm.ledger.retry_failed(job_id)[1] == job.failed
     job = farm.wait(job_id, timeout=300)

@@ -414,6 +414,11 @@ def test_storage_that_takes_no_images_fails_them_and_blames_no_model(
     assert (got.done, got.failed, got.tasks_finished) == (0, 4, 1)  # failed, to retry
     assert rt.ledger.running() == {}
     assert not list(r.scan_iter(f"{ns}:fail:*"))
+    # the job says why: which stage, which worker and model, the storage error's text
+    (error,) = rt.ledger.errors(job)
+    assert (error["stage"], error["worker"], error["model"]) == ("store", "w0", "m0")
+    assert (error["task"], error["images"], error["images_failed"]) == (0, [0, 1, 2, 3], True)
+    assert error["error"].startswith("StorageError: ") and "renders/" in error["error"]
     # a model whose checkpoint the store lacks is the model's fault: that one counts
     ModelRegistry(r, ns).add(ModelEntry(name="gone", engine="sd1", sha256="0" * 64, size=1))
     Assignments(r, ns).set("w0", "gone", time.time(), rt.instance)
@@ -424,6 +429,37 @@ def test_storage_that_takes_no_images_fails_them_and_blames_no_model(
         run_render(rt, RenderMessage(namespace=ns, job_id=job, task_no=0))
     assert rt.ledger.get(job).failed == 4
     assert [k.decode() for k in r.scan_iter(f"{ns}:fail:*")] == [f"{ns}:fail:w0|gone"]
+    (error,) = rt.ledger.errors(job)
+    assert (error["stage"], error["model"]) == ("load", "gone")
+    assert error["error"].startswith("ObjectNotFound: ") and "0" * 64 in error["error"]
+
+
+def test_a_hang_is_told_to_the_jobs_it_holds_up(
+    runtime: tuple[Any, RedisServer, redis.Redis],
+) -> None:
+    from workers.watchdog import Stall
+
+    rt, _, _ = runtime
+    spec = {"prompt": "x", "count": 4, "batch_size": 2, "width": 64, "height": 64, "steps": 2}
+    led = rt.ledger
+    job, other = (led.create(JobSpec(model=m, **spec)).id for m in ("m0", "m1"))
+    waiting = led.create(JobSpec(model="m1", sweep={"model": ["m1", "m0"]}, **spec)).id
+    paused = led.create(JobSpec(model="m0", **spec)).id
+    assert led.pause(paused) == "ok"
+    # the task's own thread hung, in the render of task 1: that task's job is told
+    rt.current_task, rt.task_thread = f"{job}/1", threading.get_ident()
+    rt._record_stall(Stall("rendering task x", "m0", 301.4, threading.get_ident()))
+    (error,) = led.errors(job)
+    assert (error["task"], error["images"], error["stage"]) == (1, [2, 3], "hang")
+    assert error["error"].startswith("no progress for 301 s while rendering task x")
+    assert not error["images_failed"] and error["model"] == "m0"
+    # another thread hung loading m0 ahead of its tasks: the unfinished jobs rendering
+    # with m0 are told, with no task; those with other models only, or paused, are not
+    rt._record_stall(Stall("loading model m0", "m0", 300.0, threading.get_ident() + 1))
+    assert [e["task"] for e in led.errors(job)] == [None, 1]
+    assert [e["task"] for e in led.errors(waiting)] == [None]
+    assert led.errors(other) == [] and led.errors(paused) == []
+    assert "while loading model m0" in led.errors(waiting)[0]["error"]
 
 
 def test_a_worker_that_stops_while_storage_is_away_leaves_its_task_to_another(

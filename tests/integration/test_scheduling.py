@@ -158,12 +158,23 @@ def test_retry_renders_failed_images_again(farm: Cluster) -> None:
     # the worker that failed it FARM_FAIL_LIMIT times is kept off that model
     blocked = [w for w, models in farm.assignments_blocked().items() if "late" in models]
     assert len(blocked) == 1, farm.assignments_blocked()
+    # the job says why: each failed load of its model on that worker, in a run of each
+    # task (its images failed) or ahead of its tasks (the worker preloads what it is given)
+    errors = farm.ledger.errors(job_id)
+    assert len(errors) == farm.ledger.get(job_id).errors >= 2
+    assert {(e["stage"], e["model"], e["worker"]) for e in errors} == {("load", "late", blocked[0])}
+    assert all(e["error"].startswith("ObjectNotFound: ") and sha in e["error"] for e in errors)
+    in_task = [e for e in errors if e["task"] is not None]
+    assert {e["task"] for e in in_task} == {0, 1} and all(e["images_failed"] for e in in_task)
+    ahead = [e for e in errors if e["task"] is None]
+    assert all(e["images"] == [] and not e["images_failed"] for e in ahead)
     ModelStore(farm.store, farm.tmp / "upload-cache").add(path)
     mark = last_event_id(farm.ledger)
     state, n = farm.ledger.retry_failed(job_id)
     assert (state, n) == ("running", 4)
     job = farm.wait(job_id)
     assert (job.state, job.done, job.failed) == ("done", 4, 0)
+    assert farm.ledger.get(job_id).errors == len(errors)  # the history stays
     renderers = {f["worker"] for _, f in events(farm.ledger, after=mark)
                  if f["type"] == "task-started" and f["job"] == job_id}  # fmt: skip
     assert renderers and blocked[0] not in renderers
