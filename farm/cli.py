@@ -1,6 +1,6 @@
 """``farm``: the command line of the render farm.
 
-Commands that talk to a running farm (submit, status, cancel) use its HTTP API at
+Commands that talk to a running farm (submit, status, errors, cancel...) use its HTTP API at
 ``FARM_API_URL`` (default ``http://FARM_API_HOST:FARM_API_PORT``); commands that run a
 part of the farm (up, worker, scheduler, api) read the ``FARM_*`` settings.
 """
@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,30 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     if args.wait:
         job = wait_with_bar(client, job["id"])
         print(f"job {job['id']} {job['state']}: {job['done']} done, {job['failed']} failed")
+        if job["state"] != "done" and job.get("last_error"):
+            print(f"last error: {format_error(job['last_error'])}")
         return 0 if job["state"] == "done" else 1
+    return 0
+
+
+def format_error(e: dict[str, Any]) -> str:
+    """One line of a job's failure list."""
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+    images = e["images"]
+    if e["task"] is None:
+        what = "ahead of its tasks"
+    else:
+        span = f"image {images[0]}" if len(images) == 1 else f"images {images[0]}..{images[-1]}"
+        what = f"task {e['task']} ({span}, {'failed' if e['images_failed'] else 'sent again'})"
+    return f"{at}  {what}  {e['stage']} on {e['worker']} [{e['model']}]: {e['error']}"
+
+
+def cmd_errors(args: argparse.Namespace, config: Config) -> int:
+    page = FarmClient(_api_url(config)).errors(args.job, limit=args.limit)
+    shown = len(page["errors"])
+    print(f"job {page['job']}: {page['total']} failures recorded, the last {shown} shown")
+    for e in page["errors"]:
+        print(format_error(e))
     return 0
 
 
@@ -341,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job", nargs="?")
     sp.add_argument("--limit", type=int, default=20)
 
+    sp = sub.add_parser("errors", help="why runs of a job's tasks failed, newest first")
+    sp.add_argument("job")
+    sp.add_argument("--limit", type=int, default=20, help="at most 100")
+
     sp = sub.add_parser("cancel", help="cancel a job (its finished images stay)")
     sp.add_argument("job")
 
@@ -378,6 +406,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "submit": cmd_submit,
     "status": cmd_status,
+    "errors": cmd_errors,
     "cancel": cmd_cancel,
     "pause": cmd_control,
     "resume": cmd_control,

@@ -71,6 +71,9 @@ class FarmClient:
     def images(self, job_id: str, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/images?offset={offset}&limit={limit}")
 
+    def errors(self, job_id: str, offset: int = 0, limit: int = 50) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/errors?offset={offset}&limit={limit}")
+
     def all_images(self, job_id: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         offset = 0

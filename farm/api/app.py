@@ -24,6 +24,7 @@ from farm.api.schemas import (
     ERRORS,
     NOT_FOUND,
     ErrorBody,
+    ErrorsPage,
     Health,
     ImagesPage,
     JobDetail,
@@ -33,7 +34,7 @@ from farm.api.schemas import (
     WorkerInfo,
 )
 from farm.config import Config
-from farm.jobs import STATES, JobNotFound, JobRecord, Ledger
+from farm.jobs import ERRORS_KEPT, STATES, JobNotFound, JobRecord, Ledger
 from farm.models import ModelRegistry
 from farm.redis_client import connect
 from farm.spec import JobSpec, Plan, set_limits
@@ -91,6 +92,15 @@ class Farm:
         except JobNotFound:
             raise HTTPException(404, f"no job {job_id!r}") from None
 
+    def detail(self, job: JobRecord) -> dict[str, Any]:
+        last = self.ledger.errors(job.id, limit=1) if job.errors else []
+        return {
+            **job.summary(),
+            "spec": job.spec.model_dump(mode="json"),
+            "batch_size": job.extra.get("batch_size"),
+            "last_error": last[0] if last else None,
+        }
+
     def check_output_prefix(self, spec: JobSpec) -> None:
         """The prefix must make valid storage keys (JobSpec's own check lets '.' or a
         trailing newline through, which storage would refuse only when images are written)."""
@@ -112,14 +122,6 @@ class Farm:
                 known = [e.name for e in self.models.list()]
                 shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
                 raise FieldError(field, f"unknown model {name!r}; registered: {shown}")
-
-
-def detail(job: JobRecord) -> dict[str, Any]:
-    return {
-        **job.summary(),
-        "spec": job.spec.model_dump(mode="json"),
-        "batch_size": job.extra.get("batch_size"),
-    }
 
 
 def check_encodable(value: Any, field: str = "") -> None:
@@ -173,7 +175,7 @@ def create_app(
         farm.check_output_prefix(spec)
         farm.check_models(spec)
         job = farm.ledger.create(spec, config.default_batch_size)
-        return SafeJSONResponse(detail(job), status_code=201)
+        return SafeJSONResponse(farm.detail(job), status_code=201)
 
     @app.get("/v1/jobs", response_model=list[JobSummary], responses=ERRORS, summary="List jobs")
     def list_jobs(
@@ -195,7 +197,7 @@ def create_app(
         summary="A job's progress and spec",
     )
     def get_job(job_id: str) -> Response:
-        return SafeJSONResponse(detail(farm.job(job_id)))
+        return SafeJSONResponse(farm.detail(farm.job(job_id)))
 
     @app.get(
         "/v1/jobs/{job_id}/images",
@@ -229,6 +231,24 @@ def create_app(
         next_offset = offset + len(out) if len(out) == limit else None
         return SafeJSONResponse({"job": job.id, "images": out, "next_offset": next_offset})
 
+    @app.get(
+        "/v1/jobs/{job_id}/errors",
+        response_model=ErrorsPage,
+        responses={**ERRORS, **NOT_FOUND},
+        summary="Why runs of the job's tasks failed, newest first",
+    )
+    def job_errors(
+        job_id: str,
+        offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        limit: Annotated[int, Query(ge=1, le=ERRORS_KEPT)] = 50,
+    ) -> Response:
+        job = farm.job(job_id)
+        got = farm.ledger.errors(job.id, offset, limit)
+        kept = min(job.errors, ERRORS_KEPT)
+        next_offset = offset + len(got) if got and offset + len(got) < kept else None
+        page = {"job": job.id, "errors": got, "total": job.errors, "next_offset": next_offset}
+        return SafeJSONResponse(page)
+
     @app.post(
         "/v1/jobs/{job_id}/cancel",
         response_model=JobDetail,
@@ -246,7 +266,7 @@ def create_app(
             raise HTTPException(404, f"no job {job_id!r}")
         if res not in ("ok", "cancelled"):
             raise HTTPException(409, f"job {job.id} is {res}; it can no longer be cancelled")
-        return SafeJSONResponse(detail(farm.job(job.id)))
+        return SafeJSONResponse(farm.detail(farm.job(job.id)))
 
     conflict = {409: {"model": ErrorBody, "description": "not possible in the job's state"}}
 
@@ -261,7 +281,7 @@ def create_app(
         res = farm.ledger.pause(job.id)
         if res not in ("ok", "paused"):
             raise HTTPException(409, f"job {job.id} is {res}; only a queued or running job pauses")
-        return SafeJSONResponse(detail(farm.job(job.id)))
+        return SafeJSONResponse(farm.detail(farm.job(job.id)))
 
     @app.post(
         "/v1/jobs/{job_id}/resume",
@@ -274,7 +294,7 @@ def create_app(
         res = farm.ledger.resume(job.id)
         if res not in ("ok", "queued", "running"):
             raise HTTPException(409, f"job {job.id} is {res}; it can no longer resume")
-        return SafeJSONResponse(detail(farm.job(job.id)))
+        return SafeJSONResponse(farm.detail(farm.job(job.id)))
 
     @app.post(
         "/v1/jobs/{job_id}/retry",
@@ -287,7 +307,7 @@ def create_app(
         state, _n = farm.ledger.retry_failed(job.id)
         if state == "cancelled":
             raise HTTPException(409, f"job {job.id} is cancelled; it cannot be retried")
-        return SafeJSONResponse(detail(farm.job(job.id)))
+        return SafeJSONResponse(farm.detail(farm.job(job.id)))
 
     @app.post(
         "/v1/jobs/{job_id}/priority",
@@ -298,7 +318,7 @@ def create_app(
     def priority(job_id: str, change: PriorityChange) -> Response:
         job = farm.job(job_id)
         farm.ledger.set_priority(job.id, change.priority)
-        return SafeJSONResponse(detail(farm.job(job.id)))
+        return SafeJSONResponse(farm.detail(farm.job(job.id)))
 
     @app.get("/v1/workers", response_model=list[WorkerInfo], responses=ERRORS)
     def workers() -> Response:

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from farm.jobs import ERRORS_KEPT
 from farm.spec import JobSpec
 
 
@@ -28,6 +29,7 @@ class JobSummary(BaseModel):
     failed: int
     tasks: int
     tasks_finished: int
+    errors: int = Field(description="failed runs of its tasks so far (see /errors)")
     images_per_s: float
     eta_s: float | None
     created_at: float
@@ -37,9 +39,35 @@ class JobSummary(BaseModel):
     tags: list[str]
 
 
+class ErrorEntry(BaseModel):
+    at: float = Field(description="when it was recorded (Unix time)")
+    task: int | None = Field(
+        description="the task whose run failed; null for a worker loading the job's model "
+        "ahead of its tasks"
+    )
+    images: list[int] = Field(description="the images the run of the task was for")
+    stage: str = Field(description="load, render, store, hang (no progress) or lost (the "
+                       "worker process died or hung holding the task)")  # fmt: skip
+    error: str = Field(description="what went wrong: 'Type: message' for an exception")
+    worker: str
+    model: str
+    images_failed: bool = Field(
+        description="the images not done are failed (a retry renders them); false when "
+        "the task went to another worker"
+    )
+
+
 class JobDetail(JobSummary):
     spec: JobSpec
     batch_size: int | None = Field(description="images per task")
+    last_error: ErrorEntry | None = Field(description="the newest failure, if any")
+
+
+class ErrorsPage(BaseModel):
+    job: str
+    errors: list[ErrorEntry] = Field(description="newest first")
+    total: int = Field(description=f"failures recorded; the last {ERRORS_KEPT} are kept")
+    next_offset: int | None = Field(description="offset of the next page; null at the end")
 
 
 class ImageInfo(BaseModel):
