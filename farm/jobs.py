@@ -700,7 +700,7 @@ class Ledger:
         """End a task without running it again: its images not done are failed (a retry
         renders them). False if it had finished already."""
         task = self.get(job_id).plan.task(task_no)
-        self.mark(job_id, list(range(task.start, task.end)), ok=False)
+        self.mark(job_id, list(task.images), ok=False)
         return self.finish_task(job_id, task_no)
 
     def record_error(

@@ -332,6 +332,11 @@ class TaskRange:
     end: int  # one past the last image index
     cell: int
 
+    @property
+    def images(self) -> range:
+        """The indices of its images."""
+        return range(self.start, self.end)
+
 
 class Plan:
     """Index arithmetic over a (resolved) spec: images, cells and tasks, all O(1)."""

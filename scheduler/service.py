@@ -251,12 +251,11 @@ class Scheduler:
     def _record_loss(
         self, job: JobRecord, task_no: int, instance: str, losses: int, give_up: bool
     ) -> None:
-        task = job.plan.task(task_no)
         then = "its images fail" if give_up else "the task goes to another worker"
         self.ledger.record_error(
             job.id,
             task_no,
-            range(task.start, task.end),
+            job.plan.task(task_no).images,
             stage="lost",
             error=f"worker process {instance} died or hung holding the task "
             f"({losses} of FARM_TASK_LOSSES={self.config.task_losses}); {then}",

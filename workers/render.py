@@ -84,7 +84,7 @@ def run_render(rt: Runtime, msg: RenderMessage, again: bool = False) -> dict[str
         # cancelled/finished job: the task is consumed without rendering
         rt.ledger.finish_task(msg.job_id, msg.task_no)
         return {"job": msg.job_id, "task": msg.task_no, "skipped": state}
-    span = range(task.start, task.end)
+    span = task.images
     done = rt.ledger.done_flags(job.id, span)
     todo = [plan.image(i) for i, d in zip(span, done, strict=True) if not d]
     rt.current_task = f"{job.id}/{msg.task_no}"

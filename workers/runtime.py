@@ -427,7 +427,7 @@ class Runtime:
         self.ledger.record_error(
             job_id,
             task.task_no,
-            range(task.start, task.end),
+            task.images,
             stage="hang",
             error=text,
             worker=self.name,
