@@ -875,8 +875,8 @@ class Ledger:
 
 
 def error_text(exc: BaseException) -> str:
-    """``Type: message`` of an exception, at most ``ERROR_CHARS`` long."""
-    return f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
+    """``Type: message`` of an exception (``record_error`` cuts it to ``ERROR_CHARS``)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _s(v: Any) -> str:
