@@ -9,6 +9,9 @@ Per job (all keys under the farm's namespace ``<ns>:``)::
     job:<id>:errors   list, newest first, of why runs of its tasks failed (the last 100)
     jobs              zset of all job ids by creation time
     active            zset of jobs the scheduler still releases tasks for, by creation time
+    ended:<state>     zset of the jobs that ended in done, failed or cancelled
+    stats             hash of the farm's totals (images done and failed, per model too,
+                      jobs submitted, failed runs per stage, ...) for its metrics
     events            stream of progress events
 
 Counters change only inside Lua scripts and only when a bit flips, so a task that runs
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -37,23 +41,46 @@ ERRORS_KEPT = 100  # failures kept per job, newest first (the job counts them al
 ERROR_CHARS = 1000  # of an error's text
 ERROR_STAGES = ("load", "render", "store", "hang", "lost")
 
-# KEYS: job, done, failed, active, events, ended:done, ended:failed
+# KEYS: job, done, failed, active, events, ended:done, ended:failed, stats
 # ARGV: ok, now, job_id, index...
+# The farm's totals (``stats``) count the bits that flip here: an image done, an image
+# failed (again after a retry, if it fails again), each by the model that rendered it,
+# read from the job's 'model_layout' (a job from before it counts in the totals only).
 _MARK = """
 local done_d, failed_d = 0, 0
 local ok = ARGV[1] == '1'
+local layout, by_model = false, {}
+local function count_model(k)
+  if layout == false then
+    local raw = redis.call('HGET', KEYS[1], 'model_layout')
+    layout = raw and cjson.decode(raw) or nil
+  end
+  if layout then
+    local cell = math.floor(k / layout.per_cell)
+    local m = layout.models[math.floor(cell / layout.stride) % #layout.models + 1]
+    by_model[m] = (by_model[m] or 0) + 1
+  end
+end
 for i = 4, #ARGV do
   local k = tonumber(ARGV[i])
   if ok then
     if redis.call('SETBIT', KEYS[2], k, 1) == 0 then
       done_d = done_d + 1
+      count_model(k)
       if redis.call('SETBIT', KEYS[3], k, 0) == 1 then failed_d = failed_d - 1 end
     end
   else
     if redis.call('GETBIT', KEYS[2], k) == 0 and redis.call('SETBIT', KEYS[3], k, 1) == 0 then
       failed_d = failed_d + 1
+      count_model(k)
     end
   end
+end
+local outcome = ok and 'images_done' or 'images_failed'
+local flipped = ok and done_d or failed_d
+if flipped > 0 then
+  redis.call('HINCRBY', KEYS[8], outcome, flipped)
+  for m, n in pairs(by_model) do redis.call('HINCRBY', KEYS[8], outcome .. ':' .. m, n) end
 end
 local done = redis.call('HINCRBY', KEYS[1], 'done', done_d)
 local failed = redis.call('HINCRBY', KEYS[1], 'failed', failed_d)
@@ -77,7 +104,8 @@ end
 return {done_d, failed_d, done, failed, state}
 """
 
-# KEYS: job, events, requeue, running, pending   ARGV: task_no, worker, now, job_id, instance
+# KEYS: job, events, requeue, running, pending, stats
+# ARGV: task_no, worker, now, job_id, instance
 _CLAIM = """
 redis.call('ZREM', KEYS[5], ARGV[1])
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -97,6 +125,7 @@ if state == 'queued' then
     'job', ARGV[4])
 end
 redis.call('HINCRBY', KEYS[1], 'tasks_started', 1)
+redis.call('HINCRBY', KEYS[6], 'task_runs', 1)
 redis.call('HSET', KEYS[4], ARGV[4] .. '/' .. ARGV[1], ARGV[5])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'type', 'task-started',
   'job', ARGV[4], 'task', ARGV[1], 'worker', ARGV[2])
@@ -111,7 +140,7 @@ end
 return 0
 """
 
-# KEYS: job, tasks, wake, running, events   ARGV: task_no, job_id
+# KEYS: job, tasks, wake, running, events, stats   ARGV: task_no, job_id
 _FINISH_TASK = """
 redis.call('HDEL', KEYS[4], ARGV[2] .. '/' .. ARGV[1])
 if redis.call('SETBIT', KEYS[2], tonumber(ARGV[1]), 1) == 0 then
@@ -122,6 +151,7 @@ if redis.call('SETBIT', KEYS[2], tonumber(ARGV[1]), 1) == 0 then
   if tonumber(redis.call('HGET', KEYS[1], 'inflight')) > 0 then
     redis.call('HINCRBY', KEYS[1], 'inflight', -1)
   end
+  redis.call('HINCRBY', KEYS[6], 'tasks_finished', 1)
   return redis.call('HINCRBY', KEYS[1], 'tasks_finished', 1)
 end
 return -1
@@ -232,7 +262,7 @@ redis.call('HSET', KEYS[1], ARGV[1] .. ':by', ARGV[2])
 return {redis.call('HINCRBY', KEYS[1], ARGV[1], 1), 1}
 """
 
-# KEYS: job, failed, tasks, requeue, active, events, ended:done, ended:failed
+# KEYS: job, failed, tasks, requeue, active, events, ended:done, ended:failed, stats
 # ARGV: job_id, now, n_images, tasks_per_cell, image..., task...
 _RETRY = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -251,6 +281,7 @@ for i = 5, 4 + n_images do
 end
 if cleared == 0 then return {state, 0} end
 redis.call('HINCRBY', KEYS[1], 'failed', -cleared)
+redis.call('HINCRBY', KEYS[9], 'images_retried', cleared)
 for i = 5 + n_images, #ARGV do
   local t = tonumber(ARGV[i])
   if redis.call('SETBIT', KEYS[3], t, 0) == 1 then
@@ -311,17 +342,56 @@ end
 return {h, redis.call('ZRANGE', KEYS[2], 0, -1), redis.call('ZRANGE', KEYS[3], 0, -1)}
 """
 
-# KEYS: job, errors   ARGV: entry (JSON), kept
+# KEYS: active, ended:done, ended:failed, ended:cancelled, stats   ARGV: job key prefix
+# -> {state, jobs, ...}, images of runnable jobs neither done nor failed, {stats hash}.
+# O(active jobs), one HMGET each, in one call: what a metrics scrape reads of the ledger.
+_COUNTS = """
+local counts, outstanding = {}, 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local h = redis.call('HMGET', ARGV[1] .. id, 'state', 'total', 'done', 'failed')
+  local state = h[1]
+  if state == 'queued' or state == 'running' or state == 'paused' then
+    counts[state] = (counts[state] or 0) + 1
+    if state ~= 'paused' then
+      outstanding = outstanding + tonumber(h[2]) - tonumber(h[3]) - tonumber(h[4])
+    end
+  end
+end
+local out = {}
+for state, n in pairs(counts) do
+  out[#out + 1] = state
+  out[#out + 1] = n
+end
+for i, state in ipairs({'done', 'failed', 'cancelled'}) do
+  out[#out + 1] = state
+  out[#out + 1] = redis.call('ZCARD', KEYS[i + 1])
+end
+return {out, outstanding, redis.call('HGETALL', KEYS[5])}
+"""
+
+# KEYS: job, errors, stats   ARGV: entry (JSON), kept, stage
 _RECORD_ERROR = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 redis.call('LPUSH', KEYS[2], ARGV[1])
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+redis.call('HINCRBY', KEYS[3], 'errors:' .. ARGV[3], 1)
 return redis.call('HINCRBY', KEYS[1], 'errors', 1)
 """
 
 
 class JobNotFound(KeyError):
     pass
+
+
+@dataclass
+class FarmCounts:
+    """The farm at one moment, as its metrics show it (``Ledger.counts``)."""
+
+    jobs: dict[str, int]  # jobs in each of ``STATES``
+    images_outstanding: int  # images of queued and running jobs neither done nor failed
+    totals: dict[str, int]  # the ``stats`` hash: 'images_done', 'images_done:<model>',
+    # 'images_failed[:<model>]', 'images_retried', 'jobs_submitted', 'task_runs',
+    # 'tasks_finished', 'errors:<stage>'; each only ever grows
 
 
 @dataclass
@@ -419,6 +489,7 @@ class Ledger:
         self._lose = client.register_script(_LOSE)
         self._record_error = client.register_script(_RECORD_ERROR)
         self._active_view = client.register_script(_ACTIVE_VIEW)
+        self._counts = client.register_script(_COUNTS)
         self._index_ended_chunk = client.register_script(_INDEX_ENDED)
         self._ended_indexed = False
         self._specs: dict[str, JobSpec] = {}  # active job -> its spec (see ``active``)
@@ -433,6 +504,11 @@ class Ledger:
     @property
     def events_key(self) -> str:
         return self.key("events")
+
+    @property
+    def stats_key(self) -> str:
+        """Hash of the farm's totals, each counted once (see ``counts``)."""
+        return self.key("stats")
 
     @property
     def running_key(self) -> str:
@@ -479,9 +555,11 @@ class Ledger:
             "tasks_started": 0,
             "tasks_finished": 0,
             "created_at": now,
+            "model_layout": json.dumps(_model_layout(plan)),  # see _MARK
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.job_key(job_id), mapping=mapping)
+        pipe.hincrby(self.stats_key, "jobs_submitted", 1)
         pipe.zadd(self.key("jobs"), {job_id: now})
         pipe.zadd(self.key("active"), {job_id: now})
         pipe.xadd(
@@ -527,6 +605,26 @@ class Ledger:
                 start += n
             self.r.set(marker, 1)
         self._ended_indexed = True
+
+    def counts(self) -> FarmCounts:
+        """Jobs per state, images outstanding and the farm's totals, in one round trip
+        (Redis reads one field set per active job; ended jobs are counted from their
+        index). The totals change only in the scripts, for bits that flip, so every
+        reader sees the same numbers and a task run twice counts nothing twice."""
+        self.index_ended()
+        flat, outstanding, stats = self._counts(
+            keys=[
+                self.key("active"),
+                *(self.ended_key(s) for s in TERMINAL),
+                self.stats_key,
+            ],
+            args=[self.job_key("")],
+        )
+        jobs = dict.fromkeys(STATES, 0)
+        for state, n in zip(flat[::2], flat[1::2], strict=True):
+            jobs[_s(state)] = int(n)
+        totals = {_s(k): int(v) for k, v in zip(stats[::2], stats[1::2], strict=True)}
+        return FarmCounts(jobs, int(outstanding), totals)
 
     def list(
         self, limit: int = 50, offset: int = 0, state: str | None = None, chunk: int = 256
@@ -634,6 +732,7 @@ class Ledger:
                 self.job_key(job_id, "requeue"),
                 self.running_key,
                 self.job_key(job_id, "pending"),
+                self.stats_key,
             ],
             args=[task_no, worker, time.time(), job_id, instance or worker],
         )
@@ -648,6 +747,7 @@ class Ledger:
                 self.wake_key,
                 self.running_key,
                 self.events_key,
+                self.stats_key,
             ],
             args=[task_no, job_id],
         )
@@ -736,8 +836,8 @@ class Ledger:
             "images_failed": bool(images_failed),
         }
         res = self._record_error(
-            keys=[self.job_key(job_id), self.job_key(job_id, "errors")],
-            args=[json.dumps(entry), ERRORS_KEPT],
+            keys=[self.job_key(job_id), self.job_key(job_id, "errors"), self.stats_key],
+            args=[json.dumps(entry), ERRORS_KEPT, stage],
         )
         return int(res) >= 0
 
@@ -761,6 +861,7 @@ class Ledger:
                 self.events_key,
                 self.ended_key("done"),
                 self.ended_key("failed"),
+                self.stats_key,
             ],
             args=["1" if ok else "0", time.time(), job_id, *indices],
         )
@@ -851,6 +952,7 @@ class Ledger:
                 self.events_key,
                 self.ended_key("done"),
                 self.ended_key("failed"),
+                self.stats_key,
             ],
             args=[job_id, time.time(), len(images), plan.tasks_per_cell, *images, *tasks],
         )
@@ -927,6 +1029,18 @@ def _cell_cursors(h: dict[str, str], job: JobRecord) -> tuple[int, dict[int, int
     pos, tpc = job.cursor, job.plan.tasks_per_cell
     passed = pos // tpc
     return passed, ({passed: pos} if pos > passed * tpc else {})
+
+
+def _model_layout(plan: Plan) -> dict[str, Any]:
+    """Where the model of image k is, for ``_MARK`` to count images per model without a
+    read of the spec: cell = k // per_cell, model = models[(cell // stride) % len(models)],
+    as ``Plan.cell_model`` finds it (a sweep's model is one digit of the cell number)."""
+    spec = plan.spec
+    models = [str(m) for m in spec.sweep.get("model", [spec.model])]
+    keys = plan.sweep_keys
+    at = keys.index("model") if "model" in spec.sweep else len(keys)
+    stride = math.prod(plan.sweep_sizes[at + 1 :])
+    return {"per_cell": plan.per_cell, "stride": stride, "models": models}
 
 
 def _set_bits(data: bytes, base: int, total: int) -> Iterator[int]:

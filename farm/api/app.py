@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import storage
-from farm.api import errors
+from farm.api import errors, metrics
 from farm.api.errors import FieldError, SafeJSONResponse
 from farm.api.schemas import (
     BODY_ERRORS,
@@ -337,6 +337,7 @@ def create_app(
             return SafeJSONResponse({"ok": False, "detail": reason}, status_code=503)
         return SafeJSONResponse({"ok": True})
 
+    metrics.install(app, farm)
     return app
 
 
