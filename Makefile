@@ -9,7 +9,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo up test lint bench clean
+.PHONY: install browser demo up test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,21 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# the dashboard's tests drive a headless chromium: installed from the system's packages
+# (Debian/Ubuntu: apt-get, as root or through sudo) when none is on PATH
+browser:
+	@[ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  command -v apt-get >/dev/null 2>&1 || { echo "install chromium for the dashboard tests" >&2; exit 1; }; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
 demo: install
 	$(VENV)/bin/farm demo
 
 up: install
 	$(VENV)/bin/farm up
 
-test: install
+test: install browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: install

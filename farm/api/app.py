@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import storage
-from farm.api import errors, metrics
+from farm.api import dashboard, errors, metrics
 from farm.api.errors import FieldError, SafeJSONResponse
 from farm.api.schemas import (
     BODY_ERRORS,
@@ -337,7 +337,8 @@ def create_app(
             return SafeJSONResponse({"ok": False, "detail": reason}, status_code=503)
         return SafeJSONResponse({"ok": True})
 
-    metrics.install(app, farm)
+    metrics.install(app, farm)  # /metrics: Prometheus text read from Redis per scrape
+    app.include_router(dashboard.router)  # /dashboard: the job dashboard page
     return app
 
 
