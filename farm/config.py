@@ -34,6 +34,10 @@ class Config:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     flower_port: int = 5555
+    # the A1111-compatible POST /sdapi/v1/txt2img waits this long for its job to end, then
+    # answers 504 and cancels the job (nobody is waiting for it any more)
+    sdapi_timeout: float = 600.0
+    sdapi_max_images: int = 1000  # batch_size x n_iter of one such request, at most
     # a Redis call waits this long for an answer, then the connection counts as broken
     redis_timeout: float = 10.0
     # Celery / broker

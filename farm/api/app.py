@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import storage
-from farm.api import dashboard, errors, metrics
-from farm.api.errors import FieldError, SafeJSONResponse
+from farm.api import dashboard, errors, metrics, sdapi
+from farm.api.errors import FieldError, SafeJSONResponse, check_encodable
 from farm.api.schemas import (
     BODY_ERRORS,
     ERRORS,
@@ -122,24 +122,6 @@ class Farm:
                 known = [e.name for e in self.models.list()]
                 shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
                 raise FieldError(field, f"unknown model {name!r}; registered: {shown}")
-
-
-def check_encodable(value: Any, field: str = "") -> None:
-    """Every string must be valid UTF-8 (JSON lets a client send a lone surrogate)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise FieldError(
-                field or "body", "must be valid unicode (no lone surrogates)"
-            ) from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_encodable(k, field or "body")
-            check_encodable(v, f"{field}.{k}" if field else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            check_encodable(v, f"{field}[{i}]")
 
 
 def create_app(
@@ -339,6 +321,7 @@ def create_app(
 
     metrics.install(app, farm)  # /metrics: Prometheus text read from Redis per scrape
     app.include_router(dashboard.router)  # /dashboard: the job dashboard page
+    app.include_router(sdapi.router(farm))  # /sdapi/v1/...: the A1111-compatible API
     return app
 
 

@@ -155,3 +155,21 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(FieldError, _field_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(redis.RedisError, _redis_error)
+
+
+def check_encodable(value: Any, field: str = "") -> None:
+    """Every string must be valid UTF-8 (JSON lets a client send a lone surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FieldError(
+                field or "body", "must be valid unicode (no lone surrogates)"
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_encodable(k, field or "body")
+            check_encodable(v, f"{field}.{k}" if field else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_encodable(v, f"{field}[{i}]")

@@ -46,6 +46,10 @@ def test_redis_down_is_503_not_500(config: Config) -> None:
         ("POST", "/v1/jobs/0123456789abcdef/cancel", None),
         ("GET", "/v1/workers", None),
         ("GET", "/v1/models", None),
+        ("POST", "/sdapi/v1/txt2img", {"prompt": "x"}),
+        ("GET", "/sdapi/v1/sd-models", None),
+        ("GET", "/sdapi/v1/options", None),
+        ("GET", "/sdapi/v1/progress", None),
     ):
         r = client.request(method, path, json=body)
         assert r.status_code == 503, (path, r.text)
@@ -103,6 +107,12 @@ def test_openapi_document(client: TestClient) -> None:
         "/v1/workers",
         "/v1/models",
         "/healthz",
+        "/sdapi/v1/txt2img",
+        "/sdapi/v1/sd-models",
+        "/sdapi/v1/samplers",
+        "/sdapi/v1/schedulers",
+        "/sdapi/v1/options",
+        "/sdapi/v1/progress",
     }
     schemas = doc["components"]["schemas"]
     assert {"JobSpec", "JobDetail", "JobSummary", "ImagesPage", "ErrorBody"} <= set(schemas)

@@ -1,0 +1,784 @@
+"""The AUTOMATIC1111-compatible API (``/sdapi/v1/...``): tools written for the Stable
+Diffusion WebUI's API drive the farm unchanged.
+
+``POST /sdapi/v1/txt2img`` takes A1111's request body, submits one job of ``batch_size x
+n_iter`` images with seeds ``seed .. seed+n-1`` (A1111's ``all_seeds``; the farm's image
+seed is the job seed plus the repeat index), waits until the job ends and answers with
+the PNGs in base64 and A1111's ``parameters`` and ``info``. A field that would change the
+picture in a way the farm cannot render (hires fix, face restoration, scripts, ...) is
+refused with a 422 naming it, never dropped; a field that does not change the picture is
+accepted. A field A1111 does not have is refused too: the farm cannot tell whether it
+would have changed the picture.
+
+The wait holds no thread: the endpoint is async and reads the job's state (one HGET in
+the threadpool) 0.05 s after submitting, then ever less often, at most 0.5 s apart. It
+ends after ``FARM_SDAPI_TIMEOUT`` seconds with a 504 naming the job, or when the client
+goes away; either way the job is cancelled (its images done so far stay), since an A1111
+client that got no images treats the request as failed and sends it again: a job left
+queued would render for nobody, ahead of the request sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
+
+import redis
+from fastapi import APIRouter, Body, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+import storage
+from farm.api.errors import (
+    FieldError,
+    SafeJSONResponse,
+    check_encodable,
+    format_errors,
+    validation_response,
+)
+from farm.api.schemas import BODY_ERRORS, ERRORS, ErrorBody
+from farm.jobs import TERMINAL, JobNotFound, JobRecord
+from farm.models import ModelEntry, ModelRegistry
+from farm.spec import JobSpec, Plan
+from storage.keys import image_key
+from storage.png import read_parameters
+from workers.engine.names import DEFAULT_SCHEDULE, SAMPLERS, SCHEDULES
+
+if TYPE_CHECKING:
+    from farm.api.app import Farm
+
+FIRST_POLL_S = 0.05  # the first look at the job's state after submitting ...
+LAST_POLL_S = 0.5  # ... then each pause 1.5x the one before, up to this
+MODEL_FIELD = "override_settings.sd_model_checkpoint"
+TAG = "sdapi"  # every job submitted here carries this tag
+
+# A1111's other names of the engine's samplers, and of its schedules: (default_rho,
+# need_inner_model) as A1111's /sdapi/v1/schedulers tells them
+SAMPLER_ALIASES: dict[str, tuple[str, ...]] = {
+    "Euler a": ("k_euler_a", "k_euler_ancestral"),
+    "Euler": ("k_euler",),
+    "DPM++ 2M": ("k_dpmpp_2m",),
+}
+SCHEDULE_TRAITS: dict[str, tuple[float, bool]] = {
+    "Automatic": (-1.0, False),
+    "Uniform": (-1.0, True),
+    "Karras": (7.0, False),
+}
+# A1111 settings (``override_settings``, ``/sdapi/v1/options``) with the values the farm
+# renders with: asking for one of these changes nothing, asking for another is refused
+FARM_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "CLIP_stop_at_last_layers": (1,),
+    "sd_vae": ("Automatic", "None"),
+    "eta_noise_seed_delta": (0,),
+    "samples_format": ("png",),
+    "enable_pnginfo": (True,),
+}
+_EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+_TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9A-Fa-f]{1,64})\]$")
+_HASH = re.compile(r"[0-9a-f]{8,64}")
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's ``StableDiffusionTxt2ImgProcessingAPI``: its fields and defaults, each
+    nullable (null means the default, as there)."""
+
+    model_config = ConfigDict(
+        extra="allow",  # refused in ``to_spec``, with the field named
+        allow_inf_nan=False,
+        protected_namespaces=(),
+        json_schema_extra={"additionalProperties": False},
+    )
+
+    prompt: str | None = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = Field(None, description="refused: the farm has no styles")
+    seed: int | None = Field(-1, description="-1 picks one; image i gets seed + i")
+    subseed: int | None = -1
+    subseed_strength: float | None = Field(0, description="refused unless 0")
+    seed_resize_from_h: int | None = -1
+    seed_resize_from_w: int | None = -1
+    sampler_name: str | None = Field(
+        None, description=f"{', '.join(SAMPLERS)}, or one followed by a schedule"
+    )
+    sampler_index: str | None = Field("Euler", description="the sampler if sampler_name is not set")
+    scheduler: str | None = Field(None, description=", ".join(SCHEDULES))
+    batch_size: int | None = Field(1, description="images rendered together")
+    n_iter: int | None = Field(1, description="batches; batch_size x n_iter images in all")
+    steps: int | None = 50
+    cfg_scale: float | None = 7.0
+    width: int | None = 512
+    height: int | None = 512
+    restore_faces: bool | None = Field(None, description="refused if true")
+    tiling: bool | None = Field(None, description="refused if true")
+    do_not_save_samples: bool | None = False
+    do_not_save_grid: bool | None = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = Field(
+        None, description="sd_model_checkpoint: a title or model_name of /sdapi/v1/sd-models"
+    )
+    override_settings_restore_afterwards: bool | None = True
+    refiner_checkpoint: str | None = Field(None, description="refused if set")
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool | None = False
+    firstpass_image: str | None = Field(None, description="refused if set")
+    comments: dict[str, Any] | None = None
+    enable_hr: bool | None = Field(False, description="refused if true (no hires fix)")
+    firstphase_width: int | None = 0
+    firstphase_height: int | None = 0
+    hr_scale: float | None = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = 0
+    hr_resize_x: int | None = 0
+    hr_resize_y: int | None = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = ""
+    hr_negative_prompt: str | None = ""
+    force_task_id: str | None = None
+    script_name: str | None = Field(None, description="refused if set")
+    script_args: list[Any] | None = Field(default_factory=list)
+    send_images: bool | None = Field(True, description="false: answer without the images")
+    save_images: bool | None = Field(False, description="the farm stores every image anyway")
+    alwayson_scripts: dict[str, Any] | None = Field(
+        default_factory=dict, description="refused unless empty"
+    )
+    infotext: str | None = Field(None, description="refused if set: send the fields")
+
+
+class TextToImageResponse(BaseModel):
+    images: list[str] = Field(description="the PNGs in base64, in seed order")
+    parameters: dict[str, Any] = Field(description="the request, with A1111's defaults")
+    info: str = Field(description="JSON: seed, all_seeds, all_prompts, infotexts, job_id, ...")
+
+
+class SDModelItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None
+    default_rho: float | None
+    need_inner_model: bool | None
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0 to 1, of the newest txt2img job not ended")
+    eta_relative: float = Field(description="seconds left, estimated")
+    state: dict[str, Any]
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class Refused(Exception):
+    """The request's problems, each ``{"field", "msg"}``: answered as one 422."""
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__("; ".join(f"{p['field']}: {p['msg']}" for p in problems))
+        self.problems = problems
+
+
+def title(entry: ModelEntry) -> str:
+    """A1111's checkpoint title: ``name [first 10 hex of sha256]`` (the name alone for a
+    model without a checkpoint, such as ``synthetic``)."""
+    return f"{entry.name} [{entry.sha256[:10]}]" if entry.sha256 else entry.name
+
+
+def resolve_model(models: ModelRegistry, value: Any, default: str) -> ModelEntry:
+    """The registered model an A1111 ``sd_model_checkpoint`` names: a title (``name
+    [hash]``, the hash checked against the model's sha256), a name with or without
+    ``.safetensors``/``.ckpt``, or a sha256 or its first 10+ hex digits. Empty: the farm's
+    default model. FieldError naming the field otherwise."""
+
+    def known() -> str:
+        titles = [title(e) for e in models.list()]
+        return ", ".join(titles[:20]) + (", ..." if len(titles) > 20 else "")
+
+    if value is None or value == "":
+        entry = models.get(default)
+        if entry is None:
+            raise FieldError(
+                MODEL_FIELD,
+                f"no model asked for, and the farm's default model {default!r} "
+                f"(FARM_DEFAULT_MODEL) is not registered; registered: {known()}",
+            )
+        return entry
+    if not isinstance(value, str):
+        raise FieldError(MODEL_FIELD, "must be a string: a title or model_name of sd-models")
+    name, want = value.strip(), ""
+    if m := _TITLE.match(name):
+        name, want = m["name"].strip(), m["hash"].lower()
+    for ext in (".safetensors", ".ckpt"):
+        name = name.removesuffix(ext)
+    entry = models.get(name) if name and len(name) <= 128 else None
+    if entry is None and not want and _HASH.fullmatch(name.lower()):
+        found = [e for e in models.list() if e.sha256.startswith(name.lower())]
+        entry = found[0] if len(found) == 1 else None
+    if entry is None:
+        raise FieldError(MODEL_FIELD, f"unknown model {value!r}; registered: {known()}")
+    if want and not entry.sha256.startswith(want):
+        have = entry.sha256[:10] or "none (no checkpoint)"
+        raise FieldError(
+            MODEL_FIELD, f"model {entry.name!r} has hash {have}, not {want}: a different checkpoint"
+        )
+    return entry
+
+
+def _sampler(name: str) -> str | None:
+    """The engine's name of an A1111 sampler name or alias (any case), or None."""
+    low = name.strip().lower()
+    for sampler in SAMPLERS:
+        if low == sampler.lower() or low in SAMPLER_ALIASES.get(sampler, ()):
+            return sampler
+    return None
+
+
+def _schedule(name: str) -> str | None:
+    """The engine's name of an A1111 schedule label or name (``Karras``, ``karras``)."""
+    low = name.strip().lower()
+    for label in SCHEDULES:
+        if low in (label.lower(), label.lower().replace(" ", "_")):
+            return label
+    return None
+
+
+def sampler_and_schedule(body: Txt2ImgRequest, bad: Callable[[str, str], None]) -> tuple[str, str]:
+    """The sampler and schedule to render with, as A1111 >= 1.9 reads them: the sampler
+    from ``sampler_name`` (else ``sampler_index``), whose name may end in a schedule as
+    before 1.9 (``DPM++ 2M Karras``); the schedule from ``scheduler`` (none: Automatic).
+    A1111 renders an unknown name with its default one; the farm refuses it."""
+    field = "sampler_name" if body.sampler_name else "sampler_index"
+    raw = body.sampler_name or body.sampler_index or "Euler"
+    schedule = "Automatic"
+    if body.scheduler:
+        found = _schedule(body.scheduler)
+        if found is None:
+            names = ", ".join(f"{s} ({s.lower().replace(' ', '_')})" for s in SCHEDULES)
+            bad("scheduler", f"must be one of {names}")
+        else:
+            schedule = found
+    sampler = _sampler(raw)
+    if sampler is not None:
+        return sampler, schedule
+    for label in SCHEDULES:
+        for suffix in {label, label.lower().replace(" ", "_")}:
+            if raw.lower().endswith(" " + suffix.lower()):
+                base = _sampler(raw[: -len(suffix) - 1])
+                if base is None:
+                    continue
+                if schedule not in ("Automatic", label):
+                    bad(field, f"names schedule {label} but scheduler is {schedule}")
+                return base, label
+    bad(field, f"must be one of {', '.join(SAMPLERS)} (optionally followed by a schedule)")
+    return SAMPLERS[0], schedule
+
+
+def _non_finite(value: Any, field: str) -> str | None:
+    """The first place inside ``value`` holding NaN or an infinity, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return field
+    items: Any = ()
+    if isinstance(value, dict):
+        items = ((f"{field}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{field}[{i}]", v) for i, v in enumerate(value))
+    for where, v in items:
+        if (found := _non_finite(v, where)) is not None:
+            return found
+    return None
+
+
+def _same(value: Any, farm: Any) -> bool:
+    """Whether an A1111 setting's value is the farm's: numbers by value (not booleans),
+    text in any case."""
+    if isinstance(value, bool) or isinstance(farm, bool):
+        return value is farm
+    if isinstance(value, int | float) and isinstance(farm, int | float):
+        return value == farm
+    if isinstance(value, str) and isinstance(farm, str):
+        return value.strip().lower() == farm.lower()
+    return False
+
+
+def check_options(options: dict[str, Any], prefix: str, bad: Callable[[str, str], None]) -> None:
+    """Refuse A1111 settings (other than sd_model_checkpoint) that would render otherwise
+    than the farm does."""
+    for key, value in options.items():
+        if key == "sd_model_checkpoint" or value is None:
+            continue
+        allowed = FARM_OPTIONS.get(key)
+        if allowed is None:
+            bad(f"{prefix}{key}", "the farm renders without this A1111 setting; remove it")
+        elif not any(_same(value, a) for a in allowed):
+            shown = " or ".join(json.dumps(a) for a in allowed)
+            bad(f"{prefix}{key}", f"the farm renders with {shown} only")
+
+
+def refusals(body: Txt2ImgRequest, sampler: str, bad: Callable[[str, str], None]) -> None:
+    """Report every field set to something the farm cannot render (A1111 would change the
+    picture for it). Fields that change nothing (the hires fields while enable_hr is
+    false, save_images, comments, ...) pass."""
+    width, height = body.width or 512, body.height or 512
+    if body.enable_hr:
+        bad("enable_hr", "hires fix is not available on the farm; ask for the final width/height")
+    for name in ("firstphase_width", "firstphase_height"):
+        if getattr(body, name):
+            bad(name, "a first pass size (the old hires fix) is not available on the farm")
+    if body.restore_faces:
+        bad("restore_faces", "face restoration is not available on the farm")
+    if body.tiling:
+        bad("tiling", "tiling (seamless textures) is not available on the farm")
+    if body.subseed_strength:
+        bad("subseed_strength", "variation seeds are not available on the farm; send 0")
+    sw, sh = body.seed_resize_from_w or -1, body.seed_resize_from_h or -1
+    if sw > 0 and sh > 0 and (sw, sh) != (width, height):
+        bad("seed_resize_from_w", "resizing the seed's noise is not available on the farm")
+    if body.styles:
+        bad("styles", "the farm has no saved prompt styles; put their text in the prompt")
+    if body.script_name:
+        bad("script_name", "scripts are not available on the farm (for an X/Y/Z grid, "
+            "POST a job with a sweep to /v1/jobs)")  # fmt: skip
+    for name in body.alwayson_scripts or {}:
+        bad(f"alwayson_scripts.{name}", "extension scripts are not available on the farm")
+    if body.refiner_checkpoint not in (None, "", "None", "none"):
+        bad("refiner_checkpoint", "a refiner pass is not available on the farm")
+    if body.firstpass_image:
+        bad("firstpass_image", "a given first pass image is not available on the farm")
+    if body.infotext:
+        bad("infotext", "not read here: send its values as the request's fields")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(body, name) or ""
+        if m := _EXTRA_NETWORK.search(text):
+            bad(name, f"extra networks ({m.group(0)}) are not available on the farm")
+    # sampler settings, where the sampler uses them
+    if body.s_min_uncond:
+        bad("s_min_uncond", "negative guidance minimum sigma is not available; send 0")
+    if sampler == "Euler a":
+        for name in ("eta", "s_noise"):
+            value = getattr(body, name)
+            if value is not None and value != 1.0:
+                bad(name, "Euler a renders with 1 on the farm (the A1111 default)")
+    if sampler == "Euler" and body.s_churn:
+        bad("s_churn", "Euler renders without churn on the farm; send 0")
+    check_options(body.override_settings or {}, "override_settings.", bad)
+
+
+def to_spec(farm: Farm, body: Txt2ImgRequest) -> tuple[JobSpec, ModelEntry]:
+    """The farm job an A1111 txt2img request asks for, or Refused with every problem."""
+    problems: list[dict[str, str]] = []
+
+    def bad(field: str, msg: str) -> None:
+        if all(p["field"] != field for p in problems):
+            problems.append({"field": field, "msg": msg})
+
+    for key in body.model_extra or {}:
+        bad(key, "not a field of A1111's txt2img, so what it would change is unknown; remove it")
+    raw = body.model_dump(exclude=set(body.model_extra or {}))
+    try:
+        check_encodable(raw)
+    except FieldError as exc:
+        raise Refused([*problems, {"field": exc.field, "msg": exc.msg}]) from None
+    if (where := _non_finite(raw, "")) is not None:
+        bad(where.lstrip("."), "must be a finite number")
+    sampler, schedule = sampler_and_schedule(body, bad)
+    refusals(body, sampler, bad)
+    batch = 1 if body.batch_size is None else body.batch_size
+    n_iter = 1 if body.n_iter is None else body.n_iter
+    for name, value in (("batch_size", batch), ("n_iter", n_iter)):
+        if value < 1:
+            bad(name, "must be at least 1")
+    most = min(farm.config.sdapi_max_images, farm.config.max_images)
+    count = max(1, batch) * max(1, n_iter)
+    if count > most:
+        count = 1  # reported here, not again by JobSpec
+        bad(
+            "n_iter" if n_iter > 1 else "batch_size",
+            f"batch_size x n_iter = {batch * n_iter} images; at most {most} in one request "
+            "(FARM_SDAPI_MAX_IMAGES); POST larger jobs to /v1/jobs",
+        )
+    entry: ModelEntry | None = None
+    try:
+        entry = resolve_model(
+            farm.models, (body.override_settings or {}).get("sd_model_checkpoint"),
+            farm.config.default_model,
+        )  # fmt: skip
+    except FieldError as exc:
+        bad(exc.field, exc.msg)
+    fields = {
+        "model": entry.name if entry else "synthetic",
+        "prompt": body.prompt or "",
+        "negative_prompt": body.negative_prompt or "",
+        "count": count,
+        "seed": -1 if body.seed is None else body.seed,
+        "width": 512 if body.width is None else body.width,
+        "height": 512 if body.height is None else body.height,
+        "steps": 50 if body.steps is None else body.steps,
+        "cfg_scale": 7.0 if body.cfg_scale is None else body.cfg_scale,
+        "sampler_name": sampler,
+        "scheduler": schedule,
+        "batch_size": max(1, batch),
+        "tags": [TAG],
+    }
+    spec: JobSpec | None = None
+    try:
+        spec = JobSpec(**fields)
+    except ValidationError as exc:
+        for e in format_errors(exc.errors()):
+            bad({"count": "batch_size", "model": MODEL_FIELD}.get(e["field"], e["field"]), e["msg"])
+    if problems or spec is None or entry is None:
+        raise Refused(problems or [{"field": "body", "msg": "not a valid txt2img request"}])
+    return spec, entry
+
+
+def _state(farm: Farm, job_id: str) -> str | None:
+    raw = farm.redis.hget(farm.ledger.job_key(job_id), "state")
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+async def wait_end(farm: Farm, job_id: str, timeout: float, request: Request) -> str:
+    """Wait until the job ends ('ended'), ``timeout`` seconds pass ('timeout') or the
+    client goes away ('gone'), holding no thread between two looks at the job's state.
+    A Redis that does not answer is asked again until the time is up."""
+    deadline = time.monotonic() + timeout
+    pause = FIRST_POLL_S
+    while True:
+        await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+        pause = min(pause * 1.5, LAST_POLL_S)
+        try:
+            state = await run_in_threadpool(_state, farm, job_id)
+        except redis.RedisError:
+            if time.monotonic() >= deadline:
+                raise
+            state = ""
+        if state is None or state in TERMINAL:
+            return "ended"
+        if await request.is_disconnected():
+            return "gone"
+        if time.monotonic() >= deadline:
+            return "timeout"
+
+
+def read_images(farm: Farm, job: JobRecord) -> list[bytes]:
+    """The job's PNGs from the store, in index (= seed) order."""
+    plan = Plan(job.spec, job.extra.get("batch_size"))
+    prefix = job.spec.output_prefix or farm.config.output_prefix
+    store = farm.store()
+    out = []
+    for index in range(plan.total):
+        key = image_key(prefix, job.id, index, plan.image(index).seed)
+        try:
+            out.append(store.get_bytes(key))
+        except storage.StorageError as exc:
+            raise HTTPException(503, f"object storage is unavailable: {exc}") from None
+    return out
+
+
+def answer(body: Txt2ImgRequest, job: JobRecord, entry: ModelEntry, pngs: list[bytes]) -> Response:
+    """A1111's TextToImageResponse for a job that is done."""
+    spec, n = job.spec, len(pngs)
+    seeds = [spec.seed + i for i in range(n)]
+    subseed = -1 if body.subseed is None else body.subseed
+    info = {
+        "prompt": spec.prompts[0],
+        "all_prompts": [spec.prompts[0]] * n,
+        "negative_prompt": spec.negative_prompt,
+        "all_negative_prompts": [spec.negative_prompt] * n,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": subseed,
+        "all_subseeds": [subseed + i if subseed >= 0 else -1 for i in range(n)],
+        "subseed_strength": 0,
+        "width": spec.width,
+        "height": spec.height,
+        "sampler_name": spec.sampler_name,
+        "scheduler": spec.scheduler,
+        "cfg_scale": spec.cfg_scale,
+        "steps": spec.steps,
+        "batch_size": body.batch_size or 1,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": entry.name,
+        "sd_model_hash": entry.sha256[:10] or None,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": body.denoising_strength,
+        "extra_generation_params": {"Schedule type": spec.scheduler},
+        "index_of_first_image": 0,
+        "infotexts": [read_parameters(png) or "" for png in pngs],
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "job_id": job.id,
+    }
+    images = (
+        [base64.b64encode(png).decode("ascii") for png in pngs]
+        if body.send_images is not False
+        else []
+    )
+    content = {"images": images, "parameters": body.model_dump(), "info": json.dumps(info)}
+    return SafeJSONResponse(content, headers={"X-Farm-Job": job.id})
+
+
+def ended(farm: Farm, body: Txt2ImgRequest, job_id: str, entry: ModelEntry) -> Response:
+    """The answer for a job that has ended: its images, or why there are none."""
+    try:
+        job = farm.ledger.get(job_id)
+    except JobNotFound:
+        raise HTTPException(502, f"job {job_id} vanished while it was awaited") from None
+    where = {"X-Farm-Job": job.id}
+    if job.state == "done":
+        return answer(body, job, entry, read_images(farm, job))
+    if job.state == "failed":
+        last = farm.ledger.errors(job.id, limit=1)
+        why = (
+            f"; last error ({last[0]['stage']} on worker {last[0]['worker']}): {last[0]['error']}"
+            if last
+            else ""
+        )
+        raise HTTPException(
+            502,
+            f"job {job.id} failed: {job.failed} of {job.total} images failed, {job.done} done"
+            f"{why}. Its failures: /v1/jobs/{job.id}/errors",
+            headers=where,
+        )
+    raise HTTPException(
+        409,
+        f"job {job.id} was {job.state} with {job.done} of {job.total} images done; "
+        f"those are listed at /v1/jobs/{job.id}/images",
+        headers=where,
+    )
+
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    **BODY_ERRORS,
+    422: {
+        "model": ErrorBody,
+        "description": "a field is not valid or not available; detail names it",
+    },
+    409: {"model": ErrorBody, "description": "the job was cancelled while awaited"},
+    502: {"model": ErrorBody, "description": "the job failed; detail says why"},
+    503: {"model": ErrorBody, "description": "no worker is running, or Redis or storage is away"},
+    504: {"model": ErrorBody, "description": "the job did not end in time and was cancelled"},
+}
+
+
+def router(farm: Farm) -> APIRouter:
+    """The ``/sdapi/v1`` endpoints over ``farm``."""
+    config = farm.config
+    api = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible"])
+    current_key = farm.ledger.key("sdapi", "current")  # the newest txt2img job
+
+    @api.post(
+        "/txt2img",
+        response_model=TextToImageResponse,
+        responses=RESPONSES,
+        summary="Render like A1111's txt2img: submit a job, wait for it, answer its PNGs",
+    )
+    async def txt2img(request: Request, body: Txt2ImgRequest) -> Response:
+        try:
+            spec, entry = await run_in_threadpool(to_spec, farm, body)
+        except Refused as exc:
+            return validation_response(exc.problems)
+        if not await run_in_threadpool(farm.workers.live):
+            raise HTTPException(
+                503,
+                "no worker is running on the farm (none has a heartbeat), so the images "
+                "would never come; start one with `farm worker`",
+            )
+        job = await run_in_threadpool(farm.ledger.create, spec, config.default_batch_size)
+        ttl = max(1, math.ceil(config.sdapi_timeout) + 60)
+        await run_in_threadpool(farm.redis.set, current_key, job.id, ex=ttl)
+        outcome = await wait_end(farm, job.id, config.sdapi_timeout, request)
+        if outcome != "ended":
+            res = await run_in_threadpool(farm.ledger.cancel, job.id)
+            if outcome == "gone":  # nobody is left to answer
+                return Response(status_code=499)
+            if res in ("ok", "cancelled"):
+                now = await run_in_threadpool(farm.ledger.get, job.id)
+                raise HTTPException(
+                    504,
+                    f"job {job.id} did not end within {config.sdapi_timeout:g} s "
+                    f"(FARM_SDAPI_TIMEOUT) and was cancelled with {now.done} of {now.total} "
+                    f"images done; follow it at /v1/jobs/{job.id} (its images: "
+                    f"/v1/jobs/{job.id}/images)",
+                    headers={"X-Farm-Job": job.id},
+                )
+        return await run_in_threadpool(ended, farm, body, job.id, entry)
+
+    @api.get(
+        "/sd-models",
+        response_model=list[SDModelItem],
+        responses=ERRORS,
+        summary="The registered models",
+    )
+    def sd_models() -> Response:
+        return SafeJSONResponse(
+            [
+                {
+                    "title": title(e),
+                    "model_name": e.name,
+                    "hash": e.sha256[:10] or None,
+                    "sha256": e.sha256 or None,
+                    "filename": e.key or e.name,
+                    "config": None,
+                }
+                for e in farm.models.list()
+            ]
+        )
+
+    @api.get(
+        "/samplers",
+        response_model=list[SamplerItem],
+        responses=ERRORS,
+        summary="The engine's samplers",
+    )
+    def samplers() -> Response:
+        return SafeJSONResponse(
+            [
+                {
+                    "name": s,
+                    "aliases": list(SAMPLER_ALIASES.get(s, ())),
+                    "options": {"scheduler": DEFAULT_SCHEDULE[s].lower()},
+                }
+                for s in SAMPLERS
+            ]
+        )
+
+    @api.get(
+        "/schedulers",
+        response_model=list[SchedulerItem],
+        responses=ERRORS,
+        summary="The engine's schedules",
+    )
+    def schedulers() -> Response:
+        out = []
+        for label in SCHEDULES:
+            rho, inner = SCHEDULE_TRAITS.get(label, (-1.0, False))
+            name = label.lower().replace(" ", "_")
+            out.append(
+                {"name": name, "label": label, "aliases": None, "default_rho": rho,
+                 "need_inner_model": inner}
+            )  # fmt: skip
+        return SafeJSONResponse(out)
+
+    @api.get(
+        "/options",
+        response_model=dict[str, Any],
+        responses=ERRORS,
+        summary="The settings txt2img uses",
+    )
+    def get_options() -> Response:
+        entry = farm.models.get(config.default_model)
+        return SafeJSONResponse(
+            {
+                "sd_model_checkpoint": title(entry) if entry else config.default_model,
+                "sd_checkpoint_hash": (entry.sha256 or None) if entry else None,
+                **{k: v[0] for k, v in FARM_OPTIONS.items()},
+            }
+        )
+
+    @api.post(
+        "/options",
+        responses={**BODY_ERRORS, 422: RESPONSES[422]},
+        summary="Accepts the settings the farm renders with; refuses changes",
+    )
+    def set_options(options: Annotated[dict[str, Any], Body()]) -> Response:
+        # The default model is the operator's (FARM_DEFAULT_MODEL): on a farm shared by
+        # many clients, one client's POST would switch everybody's renders. A request
+        # picks its model with override_settings.sd_model_checkpoint instead.
+        check_encodable(options)
+        problems: list[dict[str, str]] = []
+
+        def bad(field: str, msg: str) -> None:
+            problems.append({"field": field, "msg": msg})
+
+        asked = options.get("sd_model_checkpoint")
+        if asked not in (None, ""):
+            try:
+                entry = resolve_model(farm.models, asked, config.default_model)
+            except FieldError as exc:
+                bad("sd_model_checkpoint", exc.msg)
+            else:
+                if entry.name != config.default_model:
+                    bad(
+                        "sd_model_checkpoint",
+                        f"the default model is {config.default_model!r} (FARM_DEFAULT_MODEL), "
+                        "the same for every client of the farm; pick a model per request "
+                        "with override_settings.sd_model_checkpoint",
+                    )
+        check_options(options, "", bad)
+        if problems:
+            return validation_response(problems)
+        return SafeJSONResponse(None)
+
+    @api.get(
+        "/progress",
+        response_model=ProgressResponse,
+        responses=ERRORS,
+        summary="The newest txt2img job",
+    )
+    def progress(skip_current_image: bool = False) -> Response:
+        raw = farm.redis.get(current_key)
+        job: JobRecord | None = None
+        if raw:
+            try:
+                job = farm.ledger.get(raw.decode() if isinstance(raw, bytes) else raw)
+            except JobNotFound:
+                job = None
+        idle = {"skipped": False, "interrupted": False, "job": "", "job_count": 0,
+                "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                "sampling_steps": 0}  # fmt: skip
+        if job is None or job.state in TERMINAL:
+            body = {"progress": 0.0, "eta_relative": 0.0, "state": idle, "textinfo": None}
+            return SafeJSONResponse({**body, "current_image": None})
+        finished = job.done + job.failed
+        state = {
+            **idle,
+            "job": f"job {job.id}",
+            "job_count": job.total,
+            "job_no": finished,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
+            "sampling_steps": job.spec.steps,
+        }
+        return SafeJSONResponse(
+            {
+                "progress": finished / job.total if job.total else 0.0,
+                "eta_relative": job.eta() or 0.0,
+                "state": state,
+                "current_image": None,
+                "textinfo": f"job {job.id}: {finished} of {job.total} images, {job.state}",
+            }
+        )
+
+    return api
