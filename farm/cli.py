@@ -168,6 +168,19 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace, config: Config) -> int:
+    from farm import watch
+
+    if args.interval <= 0:
+        raise ValueError(f"--interval must be above 0 s, got {args.interval}")
+    if args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    client = FarmClient(_api_url(config))
+    return watch.run(
+        client, args.job, interval=args.interval, until_idle=args.until_idle, most=args.limit
+    )
+
+
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     job = FarmClient(_api_url(config)).cancel(args.job)
     print(f"job {job['id']} {job['state']}: {job['done']} images kept")
@@ -369,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job")
     sp.add_argument("--limit", type=int, default=20, help="at most 100")
 
+    sp = sub.add_parser("watch", help="progress bars of jobs (or of every unfinished job)")
+    sp.add_argument("job", nargs="*", help="jobs to follow until they end (default: all)")
+    sp.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    sp.add_argument("--limit", type=int, default=20, help="most bars shown at once")
+    sp.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="with no job given, end when no job is queued or running",
+    )
+
     sp = sub.add_parser("cancel", help="cancel a job (its finished images stay)")
     sp.add_argument("job")
 
@@ -407,6 +430,7 @@ COMMANDS = {
     "submit": cmd_submit,
     "status": cmd_status,
     "errors": cmd_errors,
+    "watch": cmd_watch,
     "cancel": cmd_cancel,
     "pause": cmd_control,
     "resume": cmd_control,

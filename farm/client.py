@@ -55,8 +55,12 @@ class FarmClient:
     def job(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}")
 
-    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        return self.request("GET", f"/v1/jobs?limit={limit}")
+    def jobs(self, limit: int = 20, state: str | None = None) -> list[dict[str, Any]]:
+        query = f"?limit={limit}" + (f"&state={state}" if state else "")
+        return self.request("GET", "/v1/jobs" + query)
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/workers")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/cancel")
