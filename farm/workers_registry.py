@@ -135,3 +135,29 @@ class Assignments:
             )
             out.setdefault(worker, set()).add(model)
         return out
+
+
+class Backlog:
+    """The work each model has left, as the leading scheduler saw it at its last round:
+    images not yet done or failed, the render seconds they cost at the workers' measured
+    speed, and the workers assigned to the model. Written whole each round, and it
+    expires (``ttl``) when no scheduler leads, so a reader never takes old figures for
+    current ones. What the metrics show for scaling a farm to its work."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "farm"):
+        self.r = client
+        self.key = f"{namespace}:backlog"
+
+    def publish(self, per_model: dict[str, dict[str, float]], ttl: float) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self.key)
+        if per_model:
+            pipe.hset(self.key, mapping={m: json.dumps(v) for m, v in per_model.items()})
+            pipe.pexpire(self.key, max(1, int(ttl * 1000)))
+        pipe.execute()
+
+    def read(self) -> dict[str, dict[str, float]]:
+        return {
+            (k.decode() if isinstance(k, bytes) else k): json.loads(v)
+            for k, v in self.r.hgetall(self.key).items()
+        }

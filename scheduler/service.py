@@ -38,7 +38,7 @@ from farm.celery_app import RenderMessage, celery_priority, make_app, send_rende
 from farm.config import Config
 from farm.jobs import RUNNABLE, JobRecord, Ledger
 from farm.redis_client import connect
-from farm.workers_registry import Assignments, WorkerRegistry
+from farm.workers_registry import Assignments, Backlog, WorkerRegistry
 from scheduler.placement import ModelDemand, PlacementParams, WorkerState, place
 from scheduler.policy import JobView, capacity, plan_releases
 
@@ -148,6 +148,9 @@ class Scheduler:
         self.workers = WorkerRegistry(self.r, config.namespace)
         self.assignments = Assignments(self.r, config.namespace)
         self.lease = Lease(self.r, config.namespace, config.leader_ttl)
+        self.backlog_record = Backlog(self.r, config.namespace)
+        # model -> {"images", "seconds"} left, summed by demands() each round
+        self.backlog: dict[str, dict[str, float]] = {}
         self.app = make_app(config)
         self.params = PlacementParams(
             default_load_s=config.default_load_s, min_dwell_s=config.min_dwell_s
@@ -287,6 +290,7 @@ class Scheduler:
         lanes: dict[str, dict[str, Lane]],
     ) -> list:
         per_image = _image_seconds(inventories)
+        self.backlog = {}
         out = []
         for job in jobs:
             s = job.spec
@@ -300,6 +304,9 @@ class Scheduler:
                     images = left
                 key = f"{model}:{s.width}x{s.height}:{s.steps}"
                 secs = per_image.get(key, self.config.default_image_s)
+                left_of = self.backlog.setdefault(model, {"images": 0, "seconds": 0.0})
+                left_of["images"] += images
+                left_of["seconds"] += images * secs
                 out.append(
                     ModelDemand(model, images * secs,
                                 effective_priority(job, now, self.config.aging_s),
@@ -351,6 +358,15 @@ class Scheduler:
                 log.info("worker %s -> model %s", name, model)
             if model:
                 holders[model] += 1
+        published = {
+            m: {"images": left["images"], "seconds": round(left["seconds"], 3),
+                "workers": holders.get(m, 0)}
+            for m, left in self.backlog.items()
+            if left["images"] or holders.get(m)
+        }  # fmt: skip
+        for m, n in holders.items():
+            published.setdefault(m, {"images": 0, "seconds": 0.0, "workers": n})
+        self.backlog_record.publish(published, ttl=max(10.0, 4 * self.config.leader_ttl))
         return holders
 
     def release(

@@ -5,12 +5,13 @@ the API keeps no counts of its own, so every replica answers the same. The ledge
 totals are counted by its scripts when a bit flips (``farm.jobs``), so they are exact
 whatever ran twice. A scrape costs four round trips: the ledger's counts (one script,
 one field set read per active job), the worker inventories (two: names, then bodies) and
-the scheduler's lease and loads. When Redis does not answer, the scrape still succeeds
-and says ``farm_redis_up 0``, so that an alert can fire.
+the scheduler's lease, loads and per-model backlog. When Redis does not answer, the
+scrape still succeeds and says ``farm_redis_up 0``, so that an alert can fire.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.responses import Response
 
 from farm.jobs import ERROR_STAGES, STATES, FarmCounts, Ledger
-from farm.workers_registry import Assignments, WorkerRegistry
+from farm.workers_registry import Assignments, Backlog, WorkerRegistry
 
 if TYPE_CHECKING:
     from farm.api.app import Farm
@@ -40,6 +41,7 @@ class FarmCollector:
         self.ledger = Ledger(client, namespace)
         self.workers = WorkerRegistry(client, namespace)
         self.assignments = Assignments(client, namespace)
+        self.backlog = Backlog(client, namespace)
         self.leader_key = f"{namespace}:scheduler:leader"  # scheduler.service.Lease
 
     def collect(self) -> Iterator[Metric]:
@@ -49,7 +51,8 @@ class FarmCollector:
             pipe = self.r.pipeline(transaction=False)
             pipe.exists(self.leader_key)
             pipe.hgetall(self.assignments.loads_key)
-            leader, loads = pipe.execute()
+            pipe.hgetall(self.backlog.key)
+            leader, loads, backlog = pipe.execute()
         except redis.RedisError as exc:
             log.warning("metrics: redis is unavailable: %s: %s", type(exc).__name__, exc)
             yield GaugeMetricFamily("farm_redis_up", "1 if Redis answered this scrape", 0)
@@ -68,6 +71,30 @@ class FarmCollector:
         for worker, n in sorted((_s(k), int(v)) for k, v in loads.items()):
             decided.add_metric([worker], n)
         yield decided
+        yield from _backlog_metrics({_s(k): json.loads(v) for k, v in backlog.items()})
+
+
+def _backlog_metrics(backlog: dict[str, dict[str, float]]) -> Iterator[Metric]:
+    """Each model's work left as the leading scheduler last saw it (none when no scheduler
+    leads: the record expires): what a farm scales its workers by."""
+    images = GaugeMetricFamily(
+        "farm_model_backlog_images",
+        "images of queued and running jobs not yet done or failed, per model",
+        labels=["model"],
+    )
+    seconds = GaugeMetricFamily(
+        "farm_model_backlog_seconds",
+        "render seconds those images cost at the workers' measured speed, per model",
+        labels=["model"],
+    )
+    workers = GaugeMetricFamily(
+        "farm_model_workers", "workers the scheduler assigned to the model", labels=["model"]
+    )
+    for model, left in sorted(backlog.items()):
+        images.add_metric([model], float(left.get("images", 0)))
+        seconds.add_metric([model], float(left.get("seconds", 0.0)))
+        workers.add_metric([model], float(left.get("workers", 0)))
+    yield from (images, seconds, workers)
 
 
 def _ledger_metrics(c: FarmCounts) -> Iterator[Metric]:

@@ -276,3 +276,42 @@ def test_metrics_is_not_in_the_openapi_document(client: TestClient) -> None:
     assert "/metrics" not in paths
     assert "/v1/jobs" in paths
     assert client.get("/metrics").status_code == 200
+
+
+def test_backlog_per_model_from_the_leading_scheduler(
+    submit: Submit, client: TestClient, redis_client: redis.Redis, config: Config
+) -> None:
+    """The real scheduler's round publishes each model's work left; a paused job's is not
+    work, a measured speed prices a model's images, and the record expires unless a
+    leading scheduler renews it."""
+    from scheduler.service import Scheduler
+
+    ModelRegistry(redis_client, config.namespace).add(
+        ModelEntry(name="sd15", engine="sd1", sha256="0" * 64)
+    )
+    workers = WorkerRegistry(redis_client, config.namespace)
+    for name in ("w1", "w2"):
+        workers.publish(name, {"device": "cpu", "instance": name,
+                               "image_seconds": {"synthetic:64x64:4": 0.5}}, ttl=30)  # fmt: skip
+    assert "farm_model_backlog_images" not in scrape(client)  # no scheduler has led yet
+    fast = submit(count=10, width=64, height=64, steps=4, batch_size=2)["id"]
+    submit(model="sd15", count=6, width=64, height=64, steps=4)
+    held = submit(count=50, width=64, height=64, steps=4)["id"]
+    led = Ledger(redis_client, config.namespace)
+    assert led.pause(held) == "ok"
+    sched = Scheduler(config, redis_client)
+    sched.tick()
+    got = scrape(client)
+    assert by_label(got, "farm_model_backlog_images", "model") == {"synthetic": 10, "sd15": 6}
+    # 0.5 s an image measured for synthetic at this shape; sd15 at the default estimate
+    assert by_label(got, "farm_model_backlog_seconds", "model") == {
+        "synthetic": 5.0, "sd15": 6 * config.default_image_s,
+    }  # fmt: skip
+    assert by_label(got, "farm_model_workers", "model") == {"synthetic": 1, "sd15": 1}
+    led.mark(fast, [0, 1, 2, 3], ok=True)
+    led.mark(fast, [4], ok=False)
+    sched.tick()
+    got = scrape(client)
+    assert by_label(got, "farm_model_backlog_images", "model") == {"synthetic": 5, "sd15": 6}
+    ttl = redis_client.pttl(f"{config.namespace}:backlog")
+    assert 0 < ttl <= max(10.0, 4 * config.leader_ttl) * 1000
