@@ -4,6 +4,8 @@
 
 - ``/abs/dir``, ``./rel/dir``, ``file:///abs/dir`` or ``file://./rel/dir``: :class:`LocalStore`
 - ``s3://bucket/prefix[?endpoint=http://host:9000&region=eu-west-1&create=1]``: :class:`S3Store`
+  (``&public=https://s3.example.com``: image URLs are presigned for that address, where
+  clients outside the farm's network reach the same server)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ __all__ = [
     "open_store",
 ]
 
-_S3_OPTIONS = {"endpoint", "region", "create"}
+_S3_OPTIONS = {"endpoint", "region", "create", "public"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -72,10 +74,16 @@ def _open_s3(url: str) -> ObjectStore:
     create = query.get("create", ["0"])[-1].lower()
     if create not in _TRUE | _FALSE:
         raise ValueError(f"option create={create!r} in {url!r} must be 0 or 1")
+    public = query.get("public", [None])[-1] or None
+    if public is not None and not (
+        urlsplit(public).scheme in ("http", "https") and urlsplit(public).netloc
+    ):
+        raise ValueError(f"option public={public!r} in {url!r} must be an http(s) URL")
     return S3Store(
         bucket,
         prefix=unquote(parts.path).strip("/"),
         endpoint_url=query.get("endpoint", [None])[-1] or None,
         region=query.get("region", [None])[-1] or None,
         create_bucket=create in _TRUE,
+        public_endpoint_url=public,
     )

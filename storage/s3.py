@@ -76,7 +76,12 @@ class S3Store:
         endpoint_url: str | None = None,
         region: str | None = None,
         create_bucket: bool = False,
+        public_endpoint_url: str | None = None,
     ) -> None:
+        """``public_endpoint_url``: where clients outside the farm's network reach the same
+        server (the farm talks to ``http://minio:9000``, a browser to
+        ``https://s3.example.com``); image URLs are presigned for it. SigV4 signs the
+        host, so the URL is signed by a client of that endpoint, not rewritten."""
         if not bucket or "/" in bucket:
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
         prefix = prefix.strip("/")
@@ -94,6 +99,13 @@ class S3Store:
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=CLIENT_CONFIG
         )
+        self.public_endpoint_url = public_endpoint_url
+        self.presigner = self.client
+        if public_endpoint_url:  # signing is local: this client never opens a connection
+            self.presigner = boto3.session.Session().client(
+                "s3", endpoint_url=public_endpoint_url, region_name=self.region,
+                config=CLIENT_CONFIG,
+            )  # fmt: skip
         if create_bucket:
             self.create_bucket()
 
@@ -209,7 +221,7 @@ class S3Store:
     def url(self, key: str, expires_s: int = 3600) -> str:
         full = self._key(key)
         with self._errors("presign"):
-            return self.client.generate_presigned_url(
+            return self.presigner.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=expires_s
             )
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from storage import LocalStore, open_store
-from tests.servers import MotoServer
+from tests.servers import MotoServer, TcpProxy
 
 
 def test_plain_paths_and_file_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,6 +43,24 @@ def test_s3_url(s3_env: MotoServer) -> None:
     assert store.describe() == f"s3://urlbucket/pre/fix (endpoint {s3_env.endpoint_url})"
 
 
+def test_s3_urls_presigned_for_a_public_endpoint(s3_env: MotoServer) -> None:
+    """The farm reaches S3 at one address, browsers at another (a relay here): image URLs
+    are signed for the public one and fetch the object through it."""
+    with TcpProxy(s3_env.port) as relay:
+        public = f"http://127.0.0.1:{relay.port}"
+        store = open_store(
+            f"s3://pubbucket/out?endpoint={s3_env.endpoint_url}&create=1&public={public}"
+        )
+        store.put_bytes("a/img.png", b"png bytes")
+        url = store.url("a/img.png")
+        assert url.startswith(f"{public}/pubbucket/out/a/img.png?")
+        assert "Signature=" in url
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.read() == b"png bytes"
+    plain = open_store(f"s3://pubbucket/out?endpoint={s3_env.endpoint_url}")
+    assert plain.url("a/img.png").startswith(f"{s3_env.endpoint_url}/pubbucket/out/a/img.png?")
+
+
 @pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "FARM_S3_ENDPOINT"])
 def test_s3_endpoint_from_environment(
     s3_env: MotoServer, monkeypatch: pytest.MonkeyPatch, variable: str
@@ -62,6 +81,7 @@ def test_s3_endpoint_from_environment(
         ("s3:///prefix", "names no bucket"),
         ("s3://b/p?endpont=http://x", "unknown option.*endpont"),
         ("s3://b/p?create=maybe", "create='maybe'"),
+        ("s3://b/p?public=minio:9000", "public='minio:9000'.*http"),
         ("s3://b/../p", "invalid storage key"),
         ("file://", "names no directory"),
     ],
