@@ -1,20 +1,25 @@
-"""diffusers -> original ("LDM") single-file layout, for SD1.x components.
+"""diffusers -> original ("LDM") single-file layout, for SD1.x and SDXL components.
 
 diffusers ships converters only from the original layout; this is the inverse, used to
-write test checkpoints. Round trip: ``convert_ldm_*_checkpoint(export(sd)) == sd``.
+write test checkpoints. Round trip: ``convert_ldm_*_checkpoint(export(sd)) == sd`` (and
+``convert_open_clip_checkpoint(export_open_clip(sd)) == sd`` for SDXL's second encoder).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # CLIP ViT-L, HF layout
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP ViT-bigG layout
 
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
@@ -22,6 +27,8 @@ _UNET_FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled-text + size conditioning
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
@@ -102,7 +109,49 @@ def export_vae(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[s
     return out
 
 
-def export_clip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """transformers >= 5 flattens CLIPTextModel (no ``text_model.``); older ones keep it."""
-    return {CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in state.items()
+def export_clip(state: Mapping[str, Tensor], prefix: str = CLIP_PREFIX) -> dict[str, Tensor]:
+    """transformers >= 5 flattens CLIPTextModel (no ``text_model.``); older ones keep it.
+    ``prefix`` is SD1's by default, ``SDXL_CLIP_PREFIX`` for SDXL's first text encoder."""
+    return {prefix + k.removeprefix("text_model."): v for k, v in state.items()
             if not k.endswith("position_ids")}
+
+
+_OPEN_CLIP_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def export_open_clip(state: Mapping[str, Tensor],
+                     prefix: str = SDXL_OPEN_CLIP_PREFIX) -> dict[str, Tensor]:
+    """A transformers CLIPTextModelWithProjection in OpenCLIP's layout (SDXL's ViT-bigG):
+    q/k/v projections stacked into one ``attn.in_proj_*``, the projection stored as the
+    matrix the pooled output is multiplied by (``x @ text_projection``, the transpose of the
+    linear layer's weight), and ``logit_scale``, which OpenCLIP checkpoints carry."""
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, value in state.items():
+        key = key.removeprefix("text_model.")
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif key in _OPEN_CLIP_FIXED:
+            out[_OPEN_CLIP_FIXED[key]] = value
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)", key):
+            qkv.setdefault((int(m[1]), m[3]), {})[m[2]] = value
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key):
+            out[f"transformer.resblocks.{m[1]}.{_rename_head(m[2], _OPEN_CLIP_LAYER)}"] = value
+        else:
+            raise KeyError(f"no OpenCLIP name for text encoder key {key!r}")
+    for (layer, kind), parts in qkv.items():
+        stacked = torch.cat([parts["q"], parts["k"], parts["v"]])
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = stacked
+    out["logit_scale"] = torch.tensor(math.log(1 / 0.07))
+    return {prefix + k: v for k, v in out.items()}

@@ -3,6 +3,7 @@ the safetensors header, no torch) and build the engine for that family."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import struct
 from pathlib import Path
@@ -10,7 +11,12 @@ from typing import Any
 
 from workers.engine.base import Engine, EngineError, Progress
 
-SUPPORTED_FAMILIES = ("sd1",)
+# family -> module holding its engine class and import_libraries (imported only when used)
+ENGINES = {
+    "sd1": ("workers.engine.sd1", "SD1Engine"),
+    "sdxl": ("workers.engine.sdxl", "SDXLEngine"),
+}
+SUPPORTED_FAMILIES = tuple(ENGINES)
 SD_ATTN2_KEY = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
 CLIP_L_NORM_KEY = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
 CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 1280: "sdxl-refiner", 2048: "sdxl"}
@@ -63,10 +69,8 @@ def probe_family(path: str | Path) -> str:
 def import_libraries(family: str = "sd1") -> None:
     """Import the code that loading a checkpoint of ``family`` needs (seconds the first
     time), so that it can be done before a load whose progress is watched."""
-    if family in SUPPORTED_FAMILIES:
-        from workers.engine.sd1 import import_libraries as sd1_libraries
-
-        sd1_libraries()
+    if family in ENGINES:
+        importlib.import_module(ENGINES[family][0]).import_libraries()
 
 
 def load_engine(path: str | Path, device: str = "cpu", progress: Progress | None = None) -> Engine:
@@ -76,6 +80,6 @@ def load_engine(path: str | Path, device: str = "cpu", progress: Progress | None
     if family not in SUPPORTED_FAMILIES:
         raise EngineError(f"{Path(path).name}: family {family} not supported yet "
                           f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
-    from workers.engine.sd1 import SD1Engine
-
-    return SD1Engine.from_single_file(path, device=device, progress=progress)
+    module, name = ENGINES[family]
+    engine_class = getattr(importlib.import_module(module), name)
+    return engine_class.from_single_file(path, device=device, progress=progress)

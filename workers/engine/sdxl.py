@@ -1,0 +1,511 @@
+"""The Stable Diffusion XL (base) engine: an original-layout single-file checkpoint on
+diffusers components, sampled with the same k-diffusion style samplers as SD1. Fully
+offline: component configs come from ``configs/sdxl/`` (or the checkpoint's
+``farm.*_config`` metadata) and both tokenizers from ``assets/clip_tokenizer/``.
+
+What SDXL adds to SD1: two text encoders whose penultimate hidden states lie side by side
+as the UNet's context (CLIP ViT-L 768 + OpenCLIP ViT-bigG 1280 = 2048 wide), the pooled and
+projected output of the second, and six size numbers (original size, crop top-left, target
+size) that the UNet embeds together with the pooled text (``addition_embed_type:
+text_time``). Prompt chunking, samplers, schedules and seeding are SD1's (``sd1.py``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from workers.engine.base import BatchRequest, EngineError, Progress
+from workers.engine.names import resolve_schedule
+from workers.engine.samplers import (
+    ANCESTRAL,
+    PREDICTION_TYPES,
+    SAMPLER_FUNCTIONS,
+    DiscreteEpsDenoiser,
+    alphas_cumprod,
+    get_sigmas,
+    rescale_zero_terminal_snr,
+)
+from workers.engine.sd1 import (
+    BREAK,
+    CHUNK_TOKENS,
+    CLIP_VOCAB_SIZE,
+    ENGINE_DIR,
+    MAX_TOKENS,
+    TOKENIZER_DIR,
+    ContextKVCache,
+    chunk_tokens,
+    load_tokenizer,
+)
+from workers.engine.sd1 import import_libraries as sd1_libraries
+
+CONFIG_DIR = ENGINE_DIR / "configs" / "sdxl"
+OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+OPEN_CLIP_PAD = "!"  # OpenCLIP pads with id 0 after the end token; CLIP-L repeats the end token
+TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w)
+
+Cond = tuple[Tensor, Tensor]  # (context, pooled text) of a group of images
+
+
+def import_libraries() -> None:
+    """What loading an SDXL checkpoint imports: SD1's libraries and CLIP with projection."""
+    sd1_libraries()
+    from transformers import CLIPTextModelWithProjection  # noqa: F401
+
+
+def load_tokenizer_2() -> Any:
+    """The second encoder's tokenizer: CLIP's BPE padding with "!" (id 0), as SDXL's
+    ``tokenizer_2`` and A1111 do."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(TOKENIZER_DIR), local_files_only=True, pad_token=OPEN_CLIP_PAD
+    )
+    if len(tokenizer) != CLIP_VOCAB_SIZE or tokenizer.pad_token_id != 0:
+        raise EngineError(
+            f"CLIP tokenizer in {TOKENIZER_DIR} has {len(tokenizer)} tokens and "
+            f"pad id {tokenizer.pad_token_id}, expected {CLIP_VOCAB_SIZE} and 0"
+        )
+    return tokenizer
+
+
+@dataclass
+class SDXLComponents:
+    unet: Any
+    vae: Any
+    text_encoder: Any  # CLIP ViT-L (transformers CLIPTextModel)
+    text_encoder_2: Any  # OpenCLIP ViT-bigG (CLIPTextModelWithProjection)
+    tokenizer: Any
+    tokenizer_2: Any
+    scheduler_config: dict[str, Any]
+
+
+def component_configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Shipped SDXL base configs, each overridden by the checkpoint's ``farm.<name>_config``."""
+    files = {
+        "unet": "unet/config.json",
+        "vae": "vae/config.json",
+        "text_encoder": "text_encoder/config.json",
+        "text_encoder_2": "text_encoder_2/config.json",
+        "scheduler": "scheduler/scheduler_config.json",
+    }
+    configs = {}
+    for name, rel in files.items():
+        raw = metadata.get(f"farm.{name}_config")
+        configs[name] = json.loads(raw) if raw else json.loads((CONFIG_DIR / rel).read_text())
+    return configs
+
+
+def _convert(what: str, convert: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Tensor]:
+    """diffusers' converter, its KeyErrors (a tensor the layout needs is missing) as an
+    EngineError naming the file and the part."""
+    try:
+        state = convert(*args)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise EngineError(
+            f"{what} weights do not fit its config: cannot map them from the "
+            f"original layout ({type(exc).__name__}: {exc})"
+        ) from None
+    return {k: v for k, v in state.items() if v is not None}
+
+
+def _load_into(model: Any, state: dict[str, Tensor], what: str, dtype: torch.dtype) -> Any:
+    """``sd1._load_into`` (weights onto an empty module, names and shapes checked) with the
+    module's state dict taken once, not once per tensor: for SDXL's 1,680 UNet tensors the
+    per-tensor ``state_dict()`` costs seconds."""
+    expected = model.state_dict()
+    state = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in state.items()
+        if k in expected or not k.endswith("position_ids")
+    }
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise EngineError(
+            f"{what} weights do not fit its config: {len(missing)} missing "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise EngineError(
+                f"{what} weight {key} has shape {tuple(value.shape)}, config "
+                f"expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _unwrap(model: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level)."""
+    if hasattr(model, "text_model"):
+        return state
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
+
+
+def _check_widths(name: str, cfg: dict[str, dict[str, Any]]) -> None:
+    """The UNet's context and added-embedding widths must be what the encoders give."""
+    unet, te1, te2 = cfg["unet"], cfg["text_encoder"], cfg["text_encoder_2"]
+    if unet.get("addition_embed_type") != "text_time":
+        raise EngineError(
+            f"{name}: UNet config has addition_embed_type "
+            f"{unet.get('addition_embed_type')!r}, SDXL needs 'text_time'"
+        )
+    context = te1["hidden_size"] + te2["hidden_size"]
+    if unet["cross_attention_dim"] != context:
+        raise EngineError(
+            f"{name}: UNet cross_attention_dim {unet['cross_attention_dim']} is "
+            f"not the text encoders' {te1['hidden_size']} + {te2['hidden_size']}"
+        )
+    added = te2["projection_dim"] + TIME_IDS * unet["addition_time_embed_dim"]
+    if unet["projection_class_embeddings_input_dim"] != added:
+        raise EngineError(
+            f"{name}: UNet projection_class_embeddings_input_dim "
+            f"{unet['projection_class_embeddings_input_dim']} is not {added} "
+            f"(pooled text {te2['projection_dim']} + {TIME_IDS} size numbers)"
+        )
+
+
+def load_components(
+    path: str | Path, dtype: torch.dtype = torch.float32, progress: Progress | None = None
+) -> SDXLComponents:
+    """Build unet, vae, both text encoders and tokenizers from an original-layout SDXL file.
+    The VAE is kept in float32 whatever ``dtype`` (SDXL's VAE overflows in fp16).
+    ``progress`` is called after each step (reading the file, building each part)."""
+    tick = progress or (lambda: None)
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    name = path.name
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    state = load_file(str(path))
+    tick()
+    cfg = component_configs(metadata)
+    _check_widths(name, cfg)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+        vae = AutoencoderKL.from_config(cfg["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+    tick()
+    what = f"{name}: UNet"
+    unet = _load_into(
+        unet, _convert(what, convert_ldm_unet_checkpoint, state, dict(unet.config)), what, dtype
+    )
+    tick()
+    what = f"{name}: VAE"
+    vae = _load_into(
+        vae,
+        _convert(what, convert_ldm_vae_checkpoint, state, dict(vae.config)),
+        what,
+        torch.float32,
+    )
+    tick()
+    what = f"{name}: text encoder 1 (CLIP-L)"
+    clip_l = {k: v for k, v in state.items() if k.startswith("conditioner.embedders.0.")}
+    clip_l = _unwrap(text_encoder, _convert(what, convert_ldm_clip_checkpoint, clip_l))
+    text_encoder = _load_into(text_encoder, clip_l, what, dtype)
+    tick()
+    what = f"{name}: text encoder 2 (OpenCLIP bigG)"
+    clip_g = _convert(what, convert_open_clip_checkpoint, text_encoder_2, state, OPEN_CLIP_PREFIX)
+    text_encoder_2 = _load_into(text_encoder_2, _unwrap(text_encoder_2, clip_g), what, dtype)
+    tick()
+    return SDXLComponents(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=load_tokenizer(),
+        tokenizer_2=load_tokenizer_2(),
+        scheduler_config=cfg["scheduler"],
+    )
+
+
+class SDXLEngine:
+    """Renders batches on one SDXL base model. As SD1Engine: A1111 sampler semantics,
+    per-image CPU generators, ``quantize=True`` for integer UNet timesteps. An image whose
+    negative prompt is "" gets zeros as its negative context and pooled text (A1111's and
+    diffusers' default for SDXL); the size numbers are (height, width), (0, 0),
+    (height, width) for prompt and negative prompt alike."""
+
+    family = "sdxl"
+
+    def __init__(
+        self,
+        components: SDXLComponents,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        quantize: bool = False,
+    ) -> None:
+        self.dtype = dtype
+        self.unet = components.unet
+        self.vae = components.vae.float()  # decoded in float32: it overflows in fp16
+        self.text_encoder = components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2
+        self.tokenizer = components.tokenizer
+        self.tokenizer_2 = components.tokenizer_2
+        sc = components.scheduler_config
+        self.prediction_type = sc.get("prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise EngineError(
+                f"scheduler prediction_type {self.prediction_type!r} is not "
+                f"supported (supported: {', '.join(PREDICTION_TYPES)})"
+            )
+        self.alphas_cumprod = alphas_cumprod(
+            sc.get("beta_start", 0.00085),
+            sc.get("beta_end", 0.012),
+            sc.get("num_train_timesteps", 1000),
+        )
+        if sc.get("rescale_betas_zero_snr", False):
+            self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
+        self.quantize = quantize
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = self.unet.config.in_channels
+        self.unet.set_attn_processor(
+            {
+                name: ContextKVCache() if name.endswith("attn2.processor") else proc
+                for name, proc in self.unet.attn_processors.items()
+            }
+        )
+        self.device = device
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @device.setter
+    def device(self, device: str) -> None:
+        """Setting the device moves every module there (the worker parks an engine in host
+        RAM by moving its ``unet``, ``vae`` and ``text_encoder`` and setting ``device``)."""
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            module.to(device)
+        self._device = str(device)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        quantize: bool = False,
+        progress: Progress | None = None,
+    ) -> SDXLEngine:
+        if dtype is None:
+            dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        engine = cls(load_components(path, dtype, progress), device, dtype, quantize)
+        if progress is not None:
+            progress()  # on its device
+        return engine
+
+    # -------------------------------------------------------------- steps of a render
+
+    def prompt_chunks(self, prompt: str) -> list[list[int]]:
+        """The prompt's token ids in A1111's chunks (``sd1.chunk_tokens``), each wrapped in
+        BOS ... EOS and padded to 77 with EOS, as CLIP-L reads them (``encode_chunks`` pads
+        the second encoder's copy with "!"); at least one chunk."""
+        tok = self.tokenizer
+        pieces = [
+            tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+            for text in BREAK.split(prompt)
+        ]
+        chunks = chunk_tokens(pieces, tok.convert_tokens_to_ids(",</w>"))
+        return [
+            [tok.bos_token_id, *c, tok.eos_token_id] + [tok.pad_token_id] * (CHUNK_TOKENS - len(c))
+            for c in chunks
+        ]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], chunks: int = 1) -> Cond:
+        """(context, pooled) of prompts: ``encode_chunks`` of their ``prompt_chunks``."""
+        return self.encode_chunks([self.prompt_chunks(p) for p in prompts], chunks)
+
+    @torch.no_grad()
+    def encode_chunks(self, per: list[list[list[int]]], chunks: int = 1) -> Cond:
+        """Context: per chunk the penultimate hidden states of CLIP-L and of OpenCLIP-bigG
+        side by side (77 x (768 + 1280) for SDXL), the chunks of a prompt one after another,
+        every prompt padded with empty-prompt chunks to ``chunks`` or to the most any of
+        them needs. Pooled: bigG's projected end-token state of the prompt's first chunk
+        (A1111's choice; diffusers has only one chunk)."""
+        n = max(chunks, *(len(c) for c in per))
+        empty = self.prompt_chunks("")[0]
+        ids = torch.tensor([chunk for c in per for chunk in c + [empty] * (n - len(c))])
+        # bigG's copy: everything after the (first) end token becomes its pad token
+        end = (ids == self.tokenizer.eos_token_id).int().argmax(dim=1, keepdim=True)
+        after = torch.arange(ids.shape[1])[None, :] > end
+        ids_g = ids.masked_fill(after, self.tokenizer_2.pad_token_id)
+        out_l = self.text_encoder(ids.to(self.device), output_hidden_states=True)
+        out_g = self.text_encoder_2(ids_g.to(self.device), output_hidden_states=True)
+        hidden = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
+        context = hidden.reshape(len(per), n * MAX_TOKENS, hidden.shape[-1])
+        pooled = out_g.text_embeds.reshape(len(per), n, -1)[:, 0]
+        return context, pooled
+
+    def time_ids(self, batch: BatchRequest) -> Tensor:
+        """SDXL's size conditioning: original size, crop top-left, target size, as (h, w)."""
+        h, w = batch.height, batch.width
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+
+    def sigmas(self, batch: BatchRequest) -> Tensor:
+        schedule = resolve_schedule(batch.sampler_name, batch.scheduler)
+        return get_sigmas(schedule, self._noise_levels(), batch.steps)
+
+    def latent_shape(self, batch: BatchRequest) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        return self.latent_channels, batch.height // f, batch.width // f
+
+    def generators(self, batch: BatchRequest) -> list[torch.Generator]:
+        """One CPU generator per image: its initial noise, then its ancestral noise."""
+        return [torch.Generator("cpu").manual_seed(r.seed) for r in batch.images]
+
+    def _noise_levels(self) -> DiscreteEpsDenoiser:
+        return DiscreteEpsDenoiser(
+            lambda x, t: x,
+            self.alphas_cumprod,
+            quantize=self.quantize,
+            prediction_type=self.prediction_type,
+        )
+
+    def _denoiser(
+        self,
+        cond: Cond,
+        uncond: Cond | None,
+        cfg_scale: float,
+        time_ids: Tensor,
+        progress: Progress | None = None,
+    ) -> DiscreteEpsDenoiser:
+        # one context tensor for the whole render: the UNet's cross-attention layers
+        # (ContextKVCache) project it to keys and values once, not at every step
+        context, pooled = (
+            cond
+            if uncond is None
+            else (torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]]))
+        )
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device).repeat(len(pooled), 1)}
+
+        def eps(x: Tensor, t: Tensor) -> Tensor:
+            t = t.to(self.device)
+            if uncond is None:
+                out = self.unet(
+                    x.to(self.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added
+                ).sample.float()
+            else:
+                both = self.unet(
+                    torch.cat([x, x]).to(self.dtype),
+                    t,
+                    encoder_hidden_states=context,
+                    added_cond_kwargs=added,
+                ).sample.float()
+                e_uncond, e_cond = both.chunk(2)
+                out = e_uncond + cfg_scale * (e_cond - e_uncond)
+            if progress is not None:
+                progress()  # one UNet evaluation done
+            return out
+
+        return DiscreteEpsDenoiser(
+            eps, self.alphas_cumprod, quantize=self.quantize, prediction_type=self.prediction_type
+        )
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        batch: BatchRequest,
+        initial_latents: Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> Tensor:
+        """Final latents before VAE decoding. ``initial_latents`` (x at the first sigma,
+        already scaled) replaces the seeded initial noise; ancestral noise stays seeded.
+        ``progress`` is called after every UNet evaluation."""
+        batch.validate()
+        if getattr(batch, "loras", ()):  # the worker asks for ``apply_loras`` first
+            raise EngineError("loras: the SDXL engine takes no LoRA yet")
+        shape = self.latent_shape(batch)
+        gens = self.generators(batch)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        sigmas = self.sigmas(batch).to(self.device)  # sampler arithmetic in float32
+        x = noise.to(self.device) * sigmas[0] if initial_latents is None else initial_latents
+        x = x.to(self.device, torch.float32)
+        time_ids = self.time_ids(batch)
+        # as in SD1: images are sampled in groups of one chunk count, so that an image never
+        # depends on the prompts it shares a batch with
+        pos = [self.prompt_chunks(r.prompt) for r in batch.images]
+        neg = (
+            [self.prompt_chunks(r.negative_prompt) for r in batch.images]
+            if batch.cfg_scale != 1.0
+            else None
+        )
+        counts = [max(len(p), len(neg[i]) if neg else 1) for i, p in enumerate(pos)]
+        out = torch.empty_like(x)
+        for n in sorted(set(counts)):
+            idx = [i for i, c in enumerate(counts) if c == n]
+            cond = self.encode_chunks([pos[i] for i in idx], n)
+            uncond = None
+            if neg is not None:
+                context, pooled = self.encode_chunks([neg[i] for i in idx], n)
+                empty = torch.tensor(
+                    [batch.images[i].negative_prompt == "" for i in idx], device=context.device
+                )
+                uncond = (
+                    context.masked_fill(empty[:, None, None], 0),
+                    pooled.masked_fill(empty[:, None], 0),
+                )
+            out[idx] = self._sample(
+                batch, cond, uncond, time_ids, x[idx], [gens[i] for i in idx], sigmas, progress
+            )
+        return out
+
+    def _sample(
+        self,
+        batch: BatchRequest,
+        cond: Cond,
+        uncond: Cond | None,
+        time_ids: Tensor,
+        x: Tensor,
+        gens: list[torch.Generator],
+        sigmas: Tensor,
+        progress: Progress | None = None,
+    ) -> Tensor:
+        model = self._denoiser(cond, uncond, batch.cfg_scale, time_ids, progress)
+        sampler = SAMPLER_FUNCTIONS[batch.sampler_name]
+        if batch.sampler_name in ANCESTRAL:
+            shape = x.shape[1:]
+
+            def noise_fn(_: Tensor) -> Tensor:
+                fresh = torch.stack([torch.randn(shape, generator=g) for g in gens])
+                return fresh.to(self.device)
+
+            return sampler(model, x, sigmas, noise_fn)
+        return sampler(model, x, sigmas)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> list[Image.Image]:
+        """VAE decode in float32, one image at a time (a 1024x1024 decode in float32 takes
+        a few GB of activations; a batch of them at once would take that many times more)."""
+        scaling = self.vae.config.scaling_factor
+        images = []
+        for z in latents:
+            pixels = self.vae.decode((z[None] / scaling).to(self.device, torch.float32)).sample
+            pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            images.append(Image.fromarray(pixels[0].permute(1, 2, 0).cpu().numpy(), mode="RGB"))
+        return images
+
+    def render(self, batch: BatchRequest, progress: Progress | None = None) -> list[Image.Image]:
+        images = self.decode(self.sample_latents(batch, progress=progress))
+        if progress is not None:
+            progress()  # decoded
+        return images
