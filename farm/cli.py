@@ -84,6 +84,8 @@ def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         spec["prompt"] = args.prompt[0] if len(args.prompt) == 1 else args.prompt
     if args.tag:
         spec["tags"] = args.tag
+    if args.lora:
+        spec["loras"] = [lora_arg(item) for item in args.lora]
     for item in args.sweep or []:
         name, sep, values = item.partition("=")
         if not sep or not values:
@@ -93,6 +95,17 @@ def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     if "prompt" not in spec:
         raise SystemExit("farm submit: give --prompt or a spec file with a prompt")
     return spec
+
+
+def lora_arg(item: str) -> dict[str, Any]:
+    """``--lora NAME[:WEIGHT]`` -> ``{"name": NAME, "weight": WEIGHT}`` (weight 1 if none)."""
+    name, sep, weight = item.partition(":")
+    if not name or (sep and not weight):
+        raise SystemExit(f"farm submit: --lora {item!r}: use NAME or NAME:WEIGHT")
+    try:
+        return {"name": name, "weight": float(weight) if sep else 1.0}
+    except ValueError:
+        raise SystemExit(f"farm submit: --lora {item!r}: the weight must be a number") from None
 
 
 def progress_bar(job: dict[str, Any]) -> Any:
@@ -233,7 +246,8 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
         from farm.stack import register_model
 
         entry = register_model(config, client, Path(args.path), args.name)
-        print(f"model {entry.name}: {entry.engine}, sha256 {entry.sha256}, {entry.size} bytes")
+        kind = "LoRA" if entry.engine == "lora" else "model"
+        print(f"{kind} {entry.name}: {entry.engine}, sha256 {entry.sha256}, {entry.size} bytes")
         return 0
     for entry in ModelRegistry(client, config.namespace).list():
         sha = entry.sha256[:12] if entry.sha256 else "-"
@@ -372,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sweep", action="append", help="FIELD=V1,V2 (repeatable)")
     sp.add_argument("--output-prefix")
     sp.add_argument("--tag", action="append")
+    sp.add_argument(
+        "--lora", action="append", metavar="NAME[:WEIGHT]", help="a registered LoRA (repeatable)"
+    )
     sp.add_argument("--wait", action="store_true", help="show a progress bar until it ends")
 
     sp = sub.add_parser("status", help="list jobs, or show one")
@@ -417,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("models", help="manage models")
     msub = sp.add_subparsers(dest="models_cmd", required=True)
-    ap = msub.add_parser("add", help="store a checkpoint and register a name for it")
+    ap = msub.add_parser("add", help="store a checkpoint or a LoRA and register a name for it")
     ap.add_argument("path")
     ap.add_argument("--name", required=True)
     msub.add_parser("list", help="list registered models")

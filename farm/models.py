@@ -2,11 +2,13 @@
 
 The blobs live in object storage (``storage.models``); this module only maps names to
 them. The model ``synthetic`` is built in: it needs no checkpoint and renders a solid
-image at once, for load-testing a farm's plumbing.
+image at once, for load-testing a farm's plumbing. A LoRA is registered the same way,
+with the engine ``lora``: it renders nothing on its own, a job lists it in ``loras``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import time
@@ -17,12 +19,18 @@ from typing import Any
 import redis
 
 SYNTHETIC = "synthetic"
+LORA = "lora"  # the engine of a LoRA file: merged into a checkpoint's weights by a job
+LORA_ENGINES = ("sd1",)  # the engines of the checkpoints a LoRA can be merged into
+# key endings of the LoRA layouts the engine reads (workers.engine.lora), and of LyCORIS
+# kinds it does not
+_LORA_KEYS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
+_LYCORIS_KEYS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".oft_blocks", ".oft_diag")
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    engine: str  # "sd1" (a checkpoint the diffusion engine loads) or "synthetic"
+    engine: str  # "sd1" (a checkpoint the diffusion engine loads), "lora" or "synthetic"
     sha256: str = ""
     size: int = 0
     key: str = ""
@@ -33,6 +41,14 @@ class ModelEntry:
 
 
 SYNTHETIC_ENTRY = ModelEntry(name=SYNTHETIC, engine="synthetic")
+
+
+def no_loras(entry: ModelEntry) -> str:
+    """Why a job on ``entry`` cannot have LoRAs."""
+    return (
+        f"model {entry.name!r} ({entry.engine}) takes no LoRA; LoRAs go with "
+        f"{', '.join(LORA_ENGINES)} models"
+    )
 
 
 class ModelRegistry:
@@ -55,8 +71,16 @@ class ModelRegistry:
         return ModelEntry(**json.loads(raw)) if raw else None
 
     def list(self) -> list[ModelEntry]:
+        """Every entry, LoRAs too, by name (``synthetic`` first)."""
         entries = [ModelEntry(**json.loads(v)) for v in self.r.hvals(self.key)]
         return [SYNTHETIC_ENTRY, *sorted(entries, key=lambda e: e.name)]
+
+    def checkpoints(self) -> list[ModelEntry]:
+        """The entries a job can name as its ``model``: all but the LoRAs."""
+        return [e for e in self.list() if e.engine != LORA]
+
+    def loras(self) -> list[ModelEntry]:
+        return [e for e in self.list() if e.engine == LORA]
 
     def remove(self, name: str) -> bool:
         return bool(self.r.hdel(self.key, name))
@@ -78,8 +102,16 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
 
 
 def probe_engine(path: str | Path) -> str:
-    """Which engine family a checkpoint needs, from its tensor names (no torch)."""
+    """Which engine family a checkpoint needs, or ``lora`` for a LoRA file, from its
+    tensor names (no torch)."""
     header = read_safetensors_header(path)
+    if any(name.endswith(_LORA_KEYS) for name in header):
+        return LORA
+    if any(name.endswith(_LYCORIS_KEYS) for name in header):
+        raise ValueError(
+            f"{path}: a LyCORIS file (LoHa, LoKr, OFT, ...); the farm reads LoRA files only "
+            "(kohya lora_down/lora_up or peft lora_A/lora_B keys)"
+        )
     k = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
     if any(name.startswith("double_blocks.") for name in header):
         return "flux"
@@ -91,3 +123,17 @@ def probe_engine(path: str | Path) -> str:
     if any(name.startswith("model.diffusion_model.") for name in header):
         return "sd1"
     raise ValueError(f"{path}: no known diffusion model layout in its tensor names")
+
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's hash of a LoRA file (what its ``Lora hashes`` infotext shows the first 12
+    hex digits of): the ``sshs_model_hash`` of its metadata if it has one, else the sha256
+    of the file after its header (the "addnet" hash, which also finds it on civitai)."""
+    metadata = read_safetensors_header(path).get("__metadata__") or {}
+    given = metadata.get("sshs_model_hash") if isinstance(metadata, dict) else None
+    if isinstance(given, str) and given:
+        return given
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + n)
+        return hashlib.file_digest(fh, "sha256").hexdigest()

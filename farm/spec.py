@@ -21,7 +21,7 @@ import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,6 +29,8 @@ from farm.config import Config
 from workers.engine.names import SAMPLERS, SCHEDULES
 
 MAX_SEED = 2**32 - 1
+MAX_LORAS = 8  # LoRAs of one job
+MAX_LORA_WEIGHT = 5.0  # |weight| of a LoRA (slider LoRAs go to about 5)
 SWEEPABLE = (
     "model",
     "negative_prompt",
@@ -136,6 +138,29 @@ CHECKS = {
 }
 
 
+class LoraRef(BaseModel):
+    """A LoRA merged into the model for every image of a job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="a registered LoRA (farm models add FILE --name NAME)")
+    weight: float = Field(
+        1.0, description=f"its multiplier, -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_model(v)
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not math.isfinite(v) or abs(v) > MAX_LORA_WEIGHT:
+            raise ValueError(f"must be between -{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}")
+        return float(v)
+
+
 class JobSpec(BaseModel):
     """What a client asks for. Names follow A1111's txt2img API where one exists."""
 
@@ -158,8 +183,21 @@ class JobSpec(BaseModel):
         default_factory=dict,
         description=f"field -> values, cartesian product; fields: {', '.join(SWEEPABLE)}",
     )
+    loras: list[LoraRef] = Field(
+        default_factory=list,
+        description=f"LoRAs merged into the model for every image, at most {MAX_LORAS}",
+    )
     output_prefix: str = ""
     tags: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def model_construct(cls, _fields_set: set[str] | None = None, **values: Any) -> Self:
+        """Also builds the LoRA entries (pydantic leaves nested models as dicts here)."""
+        if values.get("loras"):
+            values["loras"] = [
+                LoraRef.model_construct(**x) if isinstance(x, dict) else x for x in values["loras"]
+            ]
+        return super().model_construct(_fields_set, **values)
 
     @field_validator("model")
     @classmethod
@@ -265,6 +303,18 @@ class JobSpec(BaseModel):
             out[name] = checked
         return out
 
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: list[LoraRef]) -> list[LoraRef]:
+        if len(v) > MAX_LORAS:
+            raise ValueError(f"at most {MAX_LORAS} LoRAs")
+        seen: set[str] = set()
+        for i, lora in enumerate(v):
+            if lora.name in seen:
+                raise ValueError(f"item {i}: {lora.name!r} is listed twice; list it once")
+            seen.add(lora.name)
+        return v
+
     @field_validator("output_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
@@ -323,6 +373,7 @@ class ImageParams:
     cfg_scale: float
     sampler_name: str
     scheduler: str
+    loras: tuple[tuple[str, float], ...] = ()  # (name, weight), the job's, in its order
 
 
 @dataclass(frozen=True)
@@ -359,6 +410,7 @@ class Plan:
         self._model_values: list[Any] = list(spec.sweep.get("model", [spec.model]))
         at = self.sweep_keys.index("model") if "model" in spec.sweep else len(self.sweep_keys)
         self._model_stride = math.prod(self.sweep_sizes[at + 1 :])
+        self._loras = tuple((lora.name, lora.weight) for lora in spec.loras)
 
     def cell_values(self, cell: int) -> dict[str, Any]:
         if not 0 <= cell < self.n_cells:
@@ -440,6 +492,7 @@ class Plan:
             repeat=repeat,
             prompt=self.spec.prompts[prompt_index],
             seed=self.spec.seed + repeat,
+            loras=self._loras,
             **self.cell_settings(cell),
         )
 

@@ -56,11 +56,12 @@ def ensure_default_model(config: Config, client: redis.Redis) -> ModelEntry:
 
 
 def register_model(config: Config, client: redis.Redis, path: Path, name: str) -> ModelEntry:
-    """Put a checkpoint into storage under its sha256 and register ``name`` for it."""
-    from farm.models import probe_engine
+    """Put a checkpoint or a LoRA into storage under its sha256 and register ``name`` for
+    it (a LoRA is told by its tensor names and registered with the engine ``lora``)."""
+    from farm.models import LORA, probe_engine
 
     engine = probe_engine(path)
-    if engine != "sd1":
+    if engine not in ("sd1", LORA):
         raise ValueError(f"{path}: model family {engine!r} is not supported yet (sd1 only)")
     store = ModelStore(open_store(config.storage_url), config.model_cache)
     blob = store.add(path)

@@ -18,7 +18,7 @@ from farm.spec import ImageParams
 from storage.base import StorageError
 from storage.keys import image_key
 from storage.png import encode_png, format_parameters
-from workers.engine.base import BatchRequest, ImageRequest
+from workers.engine.base import BatchRequest, EngineError, ImageRequest, LoraError, LoraRequest
 from workers.runtime import REDIS_AWAY, Runtime
 
 log = logging.getLogger("farm.worker")
@@ -33,7 +33,7 @@ class StoreAway(Exception):
 def put_waiting(
     put: Callable[[], None], limit_s: float, stopping: threading.Event, what: str = ""
 ) -> None:
-    """Run ``put`` (one write to the store). While it fails with a transient StorageError
+    """Run ``put`` (one call to the store). While it fails with a transient StorageError
     (the store unreachable or busy), try again, 0.5 s later at first and at most 10 s
     apart, for ``limit_s`` seconds from the first failure; then the error stands. Any other
     error stands at once. StoreAway if ``stopping`` is set while waiting."""
@@ -115,6 +115,11 @@ def _render_images(
     stage = "load"
     try:
         engine = rt.engine_for(first.model)
+        loras: tuple[LoraRequest, ...] = ()
+        lora_hashes: dict[str, str] = {}
+        if first.loras:
+            stage = "lora"  # recorded as a load, but not the model's fault
+            loras, lora_hashes = _load_loras(rt, engine, first)
         stage = "render"
         batch = BatchRequest(
             images=tuple(ImageRequest(p.prompt, p.negative_prompt, p.seed) for p in images),
@@ -124,6 +129,7 @@ def _render_images(
             cfg_scale=first.cfg_scale,
             sampler_name=first.sampler_name,
             scheduler=first.scheduler,
+            loras=loras,
         )
         t0 = time.perf_counter()
         with rt.watchdog.stage(f"rendering task {rt.current_task}", first.model) as tick:
@@ -136,9 +142,12 @@ def _render_images(
         sha = rt.engine_model[1] if rt.engine_model else ""
         model_hash = sha[:10] or None
         stage = "store"
+        extra: dict[str, Any] = {}
+        if first.loras:  # as A1111 writes them: the tags in the prompt, the files' hashes
+            extra["Lora hashes"] = ", ".join(f"{n}: {lora_hashes[n][:12]}" for n, _ in first.loras)
         for p, picture in zip(images, pictures, strict=True):
             text = format_parameters(
-                prompt=p.prompt,
+                prompt=lora_prompt(p.prompt, p.loras),
                 negative_prompt=p.negative_prompt,
                 steps=p.steps,
                 sampler_name=p.sampler_name,
@@ -149,7 +158,7 @@ def _render_images(
                 height=p.height,
                 model=p.model,
                 model_hash=model_hash,
-                extra={"Farm job": job_id, "Farm index": p.index},
+                extra={**extra, "Farm job": job_id, "Farm index": p.index},
             )
             key, data = image_key(prefix, job_id, p.index, p.seed), encode_png(picture, text)
 
@@ -167,16 +176,60 @@ def _render_images(
             job_id,
             task_no,
             indices,
-            stage=stage,
+            stage="load" if stage == "lora" else stage,
             error=error_text(exc),
             worker=rt.name,
             model=first.model,
             images_failed=True,
         )
         rt.ledger.mark(job_id, indices, ok=False)
-        # storage that takes no images is not the model's fault
-        if not (stage == "store" and isinstance(exc, StorageError)):
+        # storage that takes no images, or a LoRA that does not load, is not the model's
+        # fault: the worker stays on the model for other jobs
+        if stage != "lora" and not (stage == "store" and isinstance(exc, StorageError)):
             rt.record_failure(first.model)
         raise
     rt.ledger.mark(job_id, indices, ok=True)
     rt.stats.images += len(indices)
+
+
+def _load_loras(
+    rt: Runtime, engine: Any, first: ImageParams
+) -> tuple[tuple[LoraRequest, ...], dict[str, str]]:
+    """The task's LoRAs fetched into the node's cache like checkpoints (waiting, as for
+    a store of images, while the store is away) and merged into the engine's weights (a
+    no-op when the engine holds them already); and each one's A1111 hash. A LoraError
+    naming the LoRA if one cannot be had or applied."""
+    apply = getattr(engine, "apply_loras", None)
+    if apply is None:
+        family = getattr(engine, "family", type(engine).__name__)
+        raise EngineError(f"model {first.model!r} ({family}) takes no LoRA")
+    requests: list[LoraRequest] = []
+    hashes: dict[str, str] = {}
+    got: list[tuple[Any, str]] = []  # (path, hash) of each LoRA fetched
+    with rt.watchdog.stage(f"loading the LoRAs of task {rt.current_task}", first.model) as tick:
+        for name, weight in first.loras:
+
+            def fetch(n: str = name) -> None:
+                got.append(rt.lora_file(n, tick))
+
+            try:
+                put_waiting(fetch, rt.config.storage_wait, rt.stopping, f"LoRA {name}")
+            except (*REDIS_AWAY, StoreAway):
+                raise
+            except Exception as exc:
+                raise LoraError(f"LoRA {name!r}: {error_text(exc)}") from exc
+            path, hashes[name] = got[-1]
+            requests.append(LoraRequest(name, str(path), weight))
+        apply(tuple(requests), tick)
+    return tuple(requests), hashes
+
+
+def lora_prompt(prompt: str, loras: tuple[tuple[str, float], ...]) -> str:
+    """The prompt as A1111 shows it in an image's parameters: its ``<lora:name:weight>``
+    tags at the end (A1111 reads them back as the same LoRAs)."""
+    tags = " ".join(f"<lora:{name}:{_weight(weight)}>" for name, weight in loras)
+    return f"{prompt.rstrip()} {tags}".lstrip() if tags else prompt
+
+
+def _weight(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

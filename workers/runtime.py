@@ -1,7 +1,8 @@
 """What one worker process holds: its device, the loaded model, Redis and storage.
 
 A worker keeps one model loaded between tasks and loads another only when a task asks
-for it. Model files come from the model store into a node-local cache directory.
+for it. Model files, and the LoRA files of the tasks, come from the model store into a
+node-local cache directory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -25,7 +27,7 @@ import redis
 from farm.celery_app import model_queue
 from farm.config import Config
 from farm.jobs import RUNNABLE, JobNotFound, Ledger, error_text
-from farm.models import ModelEntry, ModelRegistry
+from farm.models import LORA, ModelEntry, ModelRegistry, lora_hash
 from farm.redis_client import connect
 from farm.workers_registry import Assignments, WorkerRegistry
 from storage import StorageError, open_store
@@ -92,6 +94,7 @@ class Runtime:
         self.assigned: str | None = None  # model queue this worker consumes now
         # model -> when a switch to it first found the store away (see _switch)
         self.store_away_since: dict[str, float] = {}
+        self.lora_hashes: dict[str, str] = {}  # sha256 of a LoRA file -> its A1111 hash
         self.stats = Stats()
         self.watchdog = Watchdog(config.stall_timeout)
         from storage.s3 import S3Store
@@ -115,6 +118,8 @@ class Runtime:
         entry = self.models.get(model)
         if entry is None:
             raise LookupError(f"model {model!r} is not registered")
+        if entry.engine == LORA:
+            raise ValueError(f"{model!r} is a LoRA, not a model a worker can load")
         ident = (entry.name, entry.sha256)
         with self._lock:
             if self.engine is not None and self.engine_model == ident:
@@ -164,8 +169,28 @@ class Runtime:
             return SyntheticEngine()
         from workers.engine.loader import load_engine
 
-        path = self.model_store.fetch(entry.sha256, progress=progress)
+        path = self.fetch_file(entry, progress)
         return load_engine(path, device=self.device, progress=progress)
+
+    def fetch_file(self, entry: ModelEntry, progress: Callable[..., object] | None = None) -> Path:
+        """The entry's file in this node's cache, downloaded (and checked) from the model
+        store the first time; ``progress`` as ``ModelStore.fetch``."""
+        return self.model_store.fetch(entry.sha256, progress=progress)
+
+    def lora_file(
+        self, name: str, progress: Callable[..., object] | None = None
+    ) -> tuple[Path, str]:
+        """The local file of the registered LoRA ``name``, fetched like a checkpoint, and
+        its A1111 hash (worked out once per file)."""
+        entry = self.models.get(name)
+        if entry is None:
+            raise LookupError(f"LoRA {name!r} is not registered")
+        if entry.engine != LORA:
+            raise ValueError(f"{name!r} is a checkpoint ({entry.engine}), not a LoRA")
+        path = self.fetch_file(entry, progress)
+        if entry.sha256 not in self.lora_hashes:
+            self.lora_hashes[entry.sha256] = lora_hash(path)
+        return path, self.lora_hashes[entry.sha256]
 
     # inventory / heartbeat
     def inventory(self) -> dict[str, Any]:
@@ -198,7 +223,11 @@ class Runtime:
             entries = self.models.list()
         except redis.RedisError:
             return []
-        return [e.name for e in entries if e.sha256 and self.model_store.is_cached(e.sha256)]
+        return [
+            e.name
+            for e in entries
+            if e.sha256 and e.engine != LORA and self.model_store.is_cached(e.sha256)
+        ]
 
     # model assignment: the scheduler writes it, the worker applies it
     def watch_assignment(self, consumer: Any, interval: float = 0.5) -> None:

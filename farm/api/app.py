@@ -35,7 +35,7 @@ from farm.api.schemas import (
 )
 from farm.config import Config
 from farm.jobs import ERRORS_KEPT, STATES, JobNotFound, JobRecord, Ledger
-from farm.models import ModelRegistry
+from farm.models import LORA, LORA_ENGINES, ModelEntry, ModelRegistry, no_loras
 from farm.redis_client import connect
 from farm.spec import JobSpec, Plan, set_limits
 from farm.workers_registry import WorkerRegistry
@@ -115,13 +115,43 @@ class Farm:
             raise FieldError("output_prefix", "must not contain whitespace")
 
     def check_models(self, spec: JobSpec) -> None:
+        """Every model of the job is a registered checkpoint, every LoRA a registered LoRA
+        (``check_loras``)."""
         names = [("model", spec.model)]
         names += [(f"sweep.model[{i}]", m) for i, m in enumerate(spec.sweep.get("model", []))]
         for field, name in names:
-            if self.models.get(name) is None:
-                known = [e.name for e in self.models.list()]
-                shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+            entry = self.models.get(name)
+            if entry is None:
+                shown = _names(self.models.checkpoints())
                 raise FieldError(field, f"unknown model {name!r}; registered: {shown}")
+            if entry.engine == LORA:
+                raise FieldError(
+                    field,
+                    f"{name!r} is a LoRA, not a checkpoint: name a checkpoint here and list "
+                    f'the LoRA in loras ([{{"name": "{name}", "weight": 1}}])',
+                )
+            if spec.loras and entry.engine not in LORA_ENGINES:
+                raise FieldError("loras", no_loras(entry))
+        self.check_loras(spec)
+
+    def check_loras(self, spec: JobSpec) -> None:
+        """Each of the job's LoRAs is registered as a LoRA; FieldError naming
+        ``loras[i].name`` otherwise."""
+        for i, lora in enumerate(spec.loras):
+            entry = self.models.get(lora.name)
+            if entry is None:
+                known = self.models.loras()
+                shown = (
+                    f"registered LoRAs: {_names(known)}"
+                    if known
+                    else "none is registered (farm models add FILE --name NAME)"
+                )
+                raise FieldError(f"loras[{i}].name", f"unknown LoRA {lora.name!r}; {shown}")
+            if entry.engine != LORA:
+                raise FieldError(
+                    f"loras[{i}].name",
+                    f"{lora.name!r} is a checkpoint ({entry.engine}), not a LoRA",
+                )
 
 
 def create_app(
@@ -323,6 +353,11 @@ def create_app(
     app.include_router(dashboard.router)  # /dashboard: the job dashboard page
     app.include_router(sdapi.router(farm))  # /sdapi/v1/...: the A1111-compatible API
     return app
+
+
+def _names(entries: list[ModelEntry], most: int = 20) -> str:
+    names = [e.name for e in entries]
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def _redacted(url: str) -> str:

@@ -8,7 +8,8 @@ the PNGs in base64 and A1111's ``parameters`` and ``info``. A field that would c
 picture in a way the farm cannot render (hires fix, face restoration, scripts, ...) is
 refused with a 422 naming it, never dropped; a field that does not change the picture is
 accepted. A field A1111 does not have is refused too: the farm cannot tell whether it
-would have changed the picture.
+would have changed the picture. ``<lora:name:weight>`` tags in the prompt become the job's
+``loras`` and leave the prompt the model reads, as in A1111.
 
 The wait holds no thread: the endpoint is async and reads the job's state (one HGET in
 the threadpool) 0.05 s after submitting, then ever less often, at most 0.5 s apart. It
@@ -45,7 +46,7 @@ from farm.api.errors import (
 )
 from farm.api.schemas import BODY_ERRORS, ERRORS, ErrorBody
 from farm.jobs import TERMINAL, JobNotFound, JobRecord
-from farm.models import ModelEntry, ModelRegistry
+from farm.models import LORA, LORA_ENGINES, ModelEntry, ModelRegistry, no_loras
 from farm.spec import JobSpec, Plan
 from storage.keys import image_key
 from storage.png import read_parameters
@@ -81,6 +82,9 @@ FARM_OPTIONS: dict[str, tuple[Any, ...]] = {
     "enable_pnginfo": (True,),
 }
 _EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+_OTHER_NETWORK = re.compile(r"<(lyco|hypernet):[^>]*>", re.IGNORECASE)  # all but LoRA
+_LORA_TAG = re.compile(r"<lora:([^>]*)>", re.IGNORECASE)
+_LORA_FIELD = re.compile(r"^loras\[(?P<i>\d+)\](?:\.(?P<what>\w+))?$")
 _TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9A-Fa-f]{1,64})\]$")
 _HASH = re.compile(r"[0-9a-f]{8,64}")
 
@@ -190,6 +194,13 @@ class SchedulerItem(BaseModel):
     need_inner_model: bool | None
 
 
+class LoraItem(BaseModel):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any]
+
+
 class ProgressResponse(BaseModel):
     progress: float = Field(description="0 to 1, of the newest txt2img job not ended")
     eta_relative: float = Field(description="seconds left, estimated")
@@ -219,7 +230,7 @@ def resolve_model(models: ModelRegistry, value: Any, default: str) -> ModelEntry
     default model. FieldError naming the field otherwise."""
 
     def known() -> str:
-        titles = [title(e) for e in models.list()]
+        titles = [title(e) for e in models.checkpoints()]
         return ", ".join(titles[:20]) + (", ..." if len(titles) > 20 else "")
 
     if value is None or value == "":
@@ -240,10 +251,16 @@ def resolve_model(models: ModelRegistry, value: Any, default: str) -> ModelEntry
         name = name.removesuffix(ext)
     entry = models.get(name) if name and len(name) <= 128 else None
     if entry is None and not want and _HASH.fullmatch(name.lower()):
-        found = [e for e in models.list() if e.sha256.startswith(name.lower())]
+        found = [e for e in models.checkpoints() if e.sha256.startswith(name.lower())]
         entry = found[0] if len(found) == 1 else None
     if entry is None:
         raise FieldError(MODEL_FIELD, f"unknown model {value!r}; registered: {known()}")
+    if entry.engine == LORA:
+        raise FieldError(
+            MODEL_FIELD,
+            f"{entry.name!r} is a LoRA, not a checkpoint: put <lora:{entry.name}:1> in the "
+            "prompt and name a checkpoint here",
+        )
     if want and not entry.sha256.startswith(want):
         have = entry.sha256[:10] or "none (no checkpoint)"
         raise FieldError(
@@ -374,10 +391,14 @@ def refusals(body: Txt2ImgRequest, sampler: str, bad: Callable[[str, str], None]
         bad("firstpass_image", "a given first pass image is not available on the farm")
     if body.infotext:
         bad("infotext", "not read here: send its values as the request's fields")
-    for name in ("prompt", "negative_prompt"):
-        text = getattr(body, name) or ""
-        if m := _EXTRA_NETWORK.search(text):
-            bad(name, f"extra networks ({m.group(0)}) are not available on the farm")
+    if m := _OTHER_NETWORK.search(body.prompt or ""):
+        bad("prompt", f"extra networks but LoRA ({m.group(0)}) are not available on the farm")
+    if m := _EXTRA_NETWORK.search(body.negative_prompt or ""):
+        bad(
+            "negative_prompt",
+            f"extra networks ({m.group(0)}) in the negative prompt are not available on the "
+            "farm (LoRA tags go in the prompt)",
+        )
     # sampler settings, where the sampler uses them
     if body.s_min_uncond:
         bad("s_min_uncond", "negative guidance minimum sigma is not available; send 0")
@@ -389,6 +410,35 @@ def refusals(body: Txt2ImgRequest, sampler: str, bad: Callable[[str, str], None]
     if sampler == "Euler" and body.s_churn:
         bad("s_churn", "Euler renders without churn on the farm; send 0")
     check_options(body.override_settings or {}, "override_settings.", bad)
+
+
+def prompt_loras(prompt: str, bad: Callable[[str, str], None]) -> tuple[str, list[dict[str, Any]]]:
+    """A1111's LoRA tags in a prompt: ``<lora:name>`` (weight 1), ``<lora:name:weight>``,
+    also ``<lora:name:te:unet>`` and ``te=``/``unet=`` when both weights are the same (the
+    farm merges one weight into both). The prompt without the tags, which is what the model
+    reads in A1111, and the LoRAs in their order."""
+    loras: list[dict[str, Any]] = []
+    for m in _LORA_TAG.finditer(prompt):
+        tag, items = m.group(0), m.group(1).split(":")
+        positional = [i.strip() for i in items if "=" not in i]
+        named = dict(i.split("=", 1) for i in items if "=" in i)
+        name = positional[0] if positional else ""
+        if set(named) - {"te", "unet"} or len(positional) > 3:
+            bad("prompt", f"{tag}: only a name and a weight are available on the farm")
+            continue
+        try:
+            te = float(named.get("te", positional[1] if len(positional) > 1 else 1.0))
+            unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
+        except ValueError:
+            bad("prompt", f"{tag}: the weight must be a number")
+            continue
+        if te != unet:
+            bad("prompt", f"{tag}: one weight for both the text encoder and the UNet on the farm")
+        elif any(lora["name"] == name for lora in loras):
+            bad("prompt", f"{tag}: LoRA {name!r} is named twice; name it once")
+        else:
+            loras.append({"name": name, "weight": te})
+    return _LORA_TAG.sub("", prompt), loras
 
 
 def to_spec(farm: Farm, body: Txt2ImgRequest) -> tuple[JobSpec, ModelEntry]:
@@ -432,9 +482,15 @@ def to_spec(farm: Farm, body: Txt2ImgRequest) -> tuple[JobSpec, ModelEntry]:
         )  # fmt: skip
     except FieldError as exc:
         bad(exc.field, exc.msg)
+    prompt, loras = prompt_loras(body.prompt or "", bad)
+    if body.disable_extra_networks:
+        loras = []  # A1111 takes the tags out of the prompt and applies none
+    if loras and entry is not None and entry.engine not in LORA_ENGINES:
+        bad("prompt", no_loras(entry))
     fields = {
         "model": entry.name if entry else "synthetic",
-        "prompt": body.prompt or "",
+        "prompt": prompt,
+        "loras": loras,
         "negative_prompt": body.negative_prompt or "",
         "count": count,
         "seed": -1 if body.seed is None else body.seed,
@@ -452,7 +508,19 @@ def to_spec(farm: Farm, body: Txt2ImgRequest) -> tuple[JobSpec, ModelEntry]:
         spec = JobSpec(**fields)
     except ValidationError as exc:
         for e in format_errors(exc.errors()):
-            bad({"count": "batch_size", "model": MODEL_FIELD}.get(e["field"], e["field"]), e["msg"])
+            if m := _LORA_FIELD.match(e["field"]):  # a tag of the prompt
+                what = f" {m['what']}" if m["what"] else ""
+                bad("prompt", f"LoRA {loras[int(m['i'])]['name']!r}:{what} {e['msg']}")
+            elif e["field"] == "loras":
+                bad("prompt", f"LoRA tags: {e['msg']}")
+            else:
+                field = {"count": "batch_size", "model": MODEL_FIELD}.get(e["field"], e["field"])
+                bad(field, e["msg"])
+    if spec is not None and not problems:
+        try:
+            farm.check_loras(spec)
+        except FieldError as exc:
+            bad("prompt", exc.msg)
     if problems or spec is None or entry is None:
         raise Refused(problems or [{"field": "body", "msg": "not a valid txt2img request"}])
     return spec, entry
@@ -506,9 +574,10 @@ def answer(body: Txt2ImgRequest, job: JobRecord, entry: ModelEntry, pngs: list[b
     spec, n = job.spec, len(pngs)
     seeds = [spec.seed + i for i in range(n)]
     subseed = -1 if body.subseed is None else body.subseed
+    prompt = body.prompt or ""  # with its LoRA tags, as A1111 answers it
     info = {
-        "prompt": spec.prompts[0],
-        "all_prompts": [spec.prompts[0]] * n,
+        "prompt": prompt,
+        "all_prompts": [prompt] * n,
         "negative_prompt": spec.negative_prompt,
         "all_negative_prompts": [spec.negative_prompt] * n,
         "seed": seeds[0],
@@ -653,7 +722,21 @@ def router(farm: Farm) -> APIRouter:
                     "filename": e.key or e.name,
                     "config": None,
                 }
-                for e in farm.models.list()
+                for e in farm.models.checkpoints()
+            ]
+        )
+
+    @api.get(
+        "/loras",
+        response_model=list[LoraItem],
+        responses=ERRORS,
+        summary="The registered LoRAs, for <lora:name:weight> in a prompt",
+    )
+    def loras() -> Response:
+        return SafeJSONResponse(
+            [
+                {"name": e.name, "alias": e.name, "path": e.key or e.name, "metadata": {}}
+                for e in farm.models.loras()
             ]
         )
 

@@ -76,6 +76,11 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("sweep.steps", {"sweep": {"steps": []}}),  # empty list
     ("sweep.steps", {"sweep": {"steps": 20}}),  # not a list
     ("sweep.height", {"sweep": {"height": list(range(64, 64 + 8 * 21, 8))}}),  # too many
+    ("loras", {"loras": "style"}),
+    ("loras[0].name", {"loras": [{"name": "bad name!"}]}),
+    ("loras[0].weight", {"loras": [{"name": "style", "weight": NAN}]}),
+    ("loras[0].weight", {"loras": [{"name": "style", "weight": INF}]}),
+    ("loras", {"loras": [{"name": "style"}]}),  # the synthetic model takes none
     ("output_prefix", {"output_prefix": "../escape"}),
     ("output_prefix", {"output_prefix": "/abs"}),
     ("output_prefix", {"output_prefix": "a//b"}),

@@ -191,7 +191,7 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("refiner_checkpoint", {"refiner_checkpoint": "sdxl-refiner"}),
     ("firstpass_image", {"firstpass_image": "iVBORw0KGgo="}),
     ("infotext", {"infotext": "a cat\nSteps: 20, Seed: 1"}),
-    ("prompt", {"prompt": "a cat <lora:detail:0.8>"}),
+    ("prompt", {"prompt": "a cat <lyco:detail:0.8>"}),  # LoRAs: tests/api/test_lora_spec.py
     ("negative_prompt", {"negative_prompt": "<hypernet:x:1>"}),
     ("eta", {"sampler_name": "Euler a", "eta": 0}),
     ("s_noise", {"sampler_name": "Euler a", "s_noise": 0.5}),

@@ -19,6 +19,8 @@ __all__ = [
     "Engine",
     "EngineError",
     "ImageRequest",
+    "LoraError",
+    "LoraRequest",
     "Progress",
 ]
 
@@ -29,11 +31,25 @@ class EngineError(Exception):
     """A request or checkpoint the engine cannot serve (bad file, unknown sampler, ...)."""
 
 
+class LoraError(EngineError):
+    """A LoRA that cannot be applied (missing, unreadable, matching no layer of the model);
+    the message names it."""
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     prompt: str
     negative_prompt: str
     seed: int
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """A LoRA file to merge into the model's weights for a batch (``workers.engine.lora``)."""
+
+    name: str  # as registered; errors and logs name it
+    path: str  # the local .safetensors file
+    weight: float  # its multiplier: 0 leaves the model as it is
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,10 @@ class BatchRequest:
     cfg_scale: float
     sampler_name: str  # A1111 names, see SAMPLERS
     scheduler: str  # A1111 schedule names, see SCHEDULES
+    # merged into the weights for the whole batch, in this order; an engine that takes
+    # LoRAs has an ``apply_loras`` method and renders with exactly these (none: the model's
+    # own weights)
+    loras: tuple[LoraRequest, ...] = ()
 
     def validate(self, multiple: int = 8) -> None:
         """Raise EngineError naming the bad field and the allowed range."""

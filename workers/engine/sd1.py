@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, Progress
+from workers.engine.base import BatchRequest, EngineError, LoraRequest, Progress
+from workers.engine.lora import MergedLoras, module_index
 from workers.engine.names import resolve_schedule
 from workers.engine.samplers import (
     ANCESTRAL,
@@ -239,6 +241,7 @@ class SD1Engine:
         self.unet.set_attn_processor({name: ContextKVCache() if name.endswith("attn2.processor")
                                       else proc for name, proc in
                                       self.unet.attn_processors.items()})
+        self.loras = MergedLoras(self._lora_layers)
 
     @classmethod
     def from_single_file(cls, path: str | Path, device: str = "cpu",
@@ -250,6 +253,37 @@ class SD1Engine:
         if progress is not None:
             progress()  # on its device
         return engine
+
+    # ------------------------------------------------------------------------ LoRAs
+
+    def _lora_layers(self) -> dict[str, Any]:
+        """The layers by the names LoRA files give them: kohya's ``lora_unet_`` (the
+        UNet's diffusers names, also its original-layout ones) and ``lora_te_``."""
+        from workers.engine.ldm_export import unet_key
+
+        config = dict(self.unet.config)
+
+        def unet_names(name: str) -> Iterable[str]:
+            try:
+                return (name, unet_key(name + ".weight", config).removesuffix(".weight"))
+            except KeyError:
+                return (name,)
+
+        def te_names(name: str) -> Iterable[str]:
+            # transformers >= 5.6 dropped CLIPTextModel's text_model level; files name it
+            return ("text_model." + name.removeprefix("text_model."),)
+
+        return {**module_index("lora_unet", self.unet, unet_names),
+                **module_index("lora_te", self.text_encoder, te_names)}
+
+    def apply_loras(self, loras: Sequence[LoraRequest], progress: Progress | None = None) -> None:
+        """Merge exactly ``loras`` into the weights (nothing to do when they are merged
+        already). LoraError naming a file that cannot be read or fits no layer."""
+        if self.loras.apply(loras, progress):
+            # keys and values projected from a context under other weights are stale
+            for proc in self.unet.attn_processors.values():
+                if isinstance(proc, ContextKVCache):
+                    proc.context, proc.kv = None, None
 
     # -------------------------------------------------------------- steps of a render
 
@@ -322,6 +356,7 @@ class SD1Engine:
         already scaled) replaces the seeded initial noise; ancestral noise stays seeded.
         ``progress`` is called after every UNet evaluation."""
         batch.validate()
+        self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
