@@ -61,8 +61,10 @@ def register_model(config: Config, client: redis.Redis, path: Path, name: str) -
     from farm.models import LORA, probe_engine
 
     engine = probe_engine(path)
-    if engine not in ("sd1", LORA):
-        raise ValueError(f"{path}: model family {engine!r} is not supported yet (sd1 only)")
+    if engine not in ("sd1", "sdxl", LORA):
+        raise ValueError(
+            f"{path}: model family {engine!r} is not supported yet (sd1, sdxl and LoRAs)"
+        )
     store = ModelStore(open_store(config.storage_url), config.model_cache)
     blob = store.add(path)
     return ModelRegistry(client, config.namespace).add(

@@ -103,11 +103,17 @@ def test_models_add_tells_a_lora_by_its_keys(
     assert cli.main(["models", "add", str(checkpoint), "--name", "base"]) == 0
     assert cli.main(["models", "add", str(loha), "--name", "loha"]) == 2
     assert "LyCORIS" in capsys.readouterr().err
+    xl_key = "conditioner.embedders.1.model.ln_final.weight"  # an SDXL checkpoint's
+    sdxl = write(tmp_path / "xl.safetensors", {xl_key: np.ones(4)})
+    assert cli.main(["models", "add", str(sdxl), "--name", "xl"]) == 0
+    flux = write(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.qkv.weight": np.ones(4)})
+    assert cli.main(["models", "add", str(flux), "--name", "flux"]) == 2
+    assert "family 'flux' is not supported yet" in capsys.readouterr().err
 
     registry = ModelRegistry(redis_client, config.namespace)
     engines = {e.name: e.engine for e in registry.list()}
     assert engines == {"synthetic": "synthetic", "style": "lora", "peft-style": "lora",
-                       "base": "sd1"}  # fmt: skip
+                       "base": "sd1", "xl": "sdxl"}  # fmt: skip
     entry = registry.get("style")
     assert entry is not None and store.get_bytes(model_key(entry.sha256)) == kohya.read_bytes()
     listed = {m["name"]: m["engine"] for m in client.get("/v1/models").json()}
