@@ -40,6 +40,7 @@ from workers.engine.sd1 import (
     MAX_TOKENS,
     TOKENIZER_DIR,
     ContextKVCache,
+    _load_into,
     chunk_tokens,
     load_tokenizer,
 )
@@ -113,32 +114,6 @@ def _convert(what: str, convert: Callable[..., dict[str, Any]], *args: Any) -> d
             f"original layout ({type(exc).__name__}: {exc})"
         ) from None
     return {k: v for k, v in state.items() if v is not None}
-
-
-def _load_into(model: Any, state: dict[str, Tensor], what: str, dtype: torch.dtype) -> Any:
-    """``sd1._load_into`` (weights onto an empty module, names and shapes checked) with the
-    module's state dict taken once, not once per tensor: for SDXL's 1,680 UNet tensors the
-    per-tensor ``state_dict()`` costs seconds."""
-    expected = model.state_dict()
-    state = {
-        k: v.to(dtype) if v.is_floating_point() else v
-        for k, v in state.items()
-        if k in expected or not k.endswith("position_ids")
-    }
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise EngineError(
-            f"{what} weights do not fit its config: {len(missing)} missing "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise EngineError(
-                f"{what} weight {key} has shape {tuple(value.shape)}, config "
-                f"expects {tuple(expected[key].shape)}"
-            )
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
 
 
 def _unwrap(model: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
