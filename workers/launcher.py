@@ -68,6 +68,9 @@ def parse_devices(spec: str, gpus: int, cores: int) -> list[DeviceSlot]:
                 {
                     "OMP_NUM_THREADS": threads,
                     "MKL_NUM_THREADS": threads,
+                    # CPU slots share the cores with each other and the farm's other
+                    # processes: an OpenMP thread that waits sleeps rather than spins
+                    "OMP_WAIT_POLICY": "PASSIVE",
                     "CUDA_VISIBLE_DEVICES": "",
                 },
             )

@@ -19,6 +19,7 @@ def test_cpu_workers_split_the_cores():
     assert [s.label for s in slots] == ["cpu0", "cpu1"]
     assert all(s.env["OMP_NUM_THREADS"] == "4" and s.env["CUDA_VISIBLE_DEVICES"] == ""
                for s in slots)  # fmt: skip
+    assert all(s.env["OMP_WAIT_POLICY"] == "PASSIVE" for s in slots)  # they share the cores
 
 
 def test_listed_gpus():
