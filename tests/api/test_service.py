@@ -109,6 +109,7 @@ def test_openapi_document(client: TestClient) -> None:
         "/healthz",
         "/sdapi/v1/txt2img",
         "/sdapi/v1/sd-models",
+        "/sdapi/v1/loras",
         "/sdapi/v1/samplers",
         "/sdapi/v1/schedulers",
         "/sdapi/v1/options",
