@@ -74,6 +74,21 @@ def chunk_tokens(pieces: list[list[int]], comma: int, size: int = CHUNK_TOKENS,
     return chunks
 
 
+def run_sampler(name: str, model: Any, x: Tensor, sigmas: Tensor,
+                gens: list[torch.Generator], device: str) -> Tensor:
+    """Sample with the A1111-named sampler; an ancestral one draws each image's fresh
+    noise from that image's own CPU generator, so an image does not depend on its batch."""
+    sampler = SAMPLER_FUNCTIONS[name]
+    if name in ANCESTRAL:
+        shape = x.shape[1:]
+
+        def noise_fn(_: Tensor) -> Tensor:
+            return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+
+        return sampler(model, x, sigmas, noise_fn)
+    return sampler(model, x, sigmas)
+
+
 @dataclass
 class SD1Components:
     unet: Any
@@ -386,16 +401,7 @@ class SD1Engine:
                 gens: list[torch.Generator], sigmas: Tensor,
                 progress: Progress | None = None) -> Tensor:
         model = self._denoiser(cond, uncond, batch.cfg_scale, progress)
-        sampler = SAMPLER_FUNCTIONS[batch.sampler_name]
-        if batch.sampler_name in ANCESTRAL:
-            shape = x.shape[1:]
-
-            def noise_fn(_: Tensor) -> Tensor:
-                fresh = torch.stack([torch.randn(shape, generator=g) for g in gens])
-                return fresh.to(self.device)
-
-            return sampler(model, x, sigmas, noise_fn)
-        return sampler(model, x, sigmas)
+        return run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:

@@ -24,9 +24,7 @@ from torch import Tensor
 from workers.engine.base import BatchRequest, EngineError, Progress
 from workers.engine.names import resolve_schedule
 from workers.engine.samplers import (
-    ANCESTRAL,
     PREDICTION_TYPES,
-    SAMPLER_FUNCTIONS,
     DiscreteEpsDenoiser,
     alphas_cumprod,
     get_sigmas,
@@ -43,6 +41,7 @@ from workers.engine.sd1 import (
     _load_into,
     chunk_tokens,
     load_tokenizer,
+    run_sampler,
 )
 from workers.engine.sd1 import import_libraries as sd1_libraries
 
@@ -456,16 +455,7 @@ class SDXLEngine:
         progress: Progress | None = None,
     ) -> Tensor:
         model = self._denoiser(cond, uncond, batch.cfg_scale, time_ids, progress)
-        sampler = SAMPLER_FUNCTIONS[batch.sampler_name]
-        if batch.sampler_name in ANCESTRAL:
-            shape = x.shape[1:]
-
-            def noise_fn(_: Tensor) -> Tensor:
-                fresh = torch.stack([torch.randn(shape, generator=g) for g in gens])
-                return fresh.to(self.device)
-
-            return sampler(model, x, sigmas, noise_fn)
-        return sampler(model, x, sigmas)
+        return run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:
