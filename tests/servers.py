@@ -16,9 +16,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -27,7 +30,15 @@ from farm.redis_server import ping, redis_server_binary
 
 LOCALHOST = "127.0.0.1"
 
-__all__ = ["MotoServer", "RedisServer", "TcpProxy", "free_port", "redis_server_binary"]
+__all__ = [
+    "MotoServer",
+    "RedisServer",
+    "TcpProxy",
+    "api_process",
+    "free_port",
+    "redis_server_binary",
+]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -318,3 +329,30 @@ class TcpProxy:
             for client, server, _ in self._open:
                 client.close()
                 server.close()
+
+
+@contextmanager
+def api_process(env: dict[str, str], port: int, timeout: float = 30.0) -> Iterator[str]:
+    """``python -m farm.api`` with ``env`` (which must set ``FARM_API_PORT=port``), once it
+    answers ``/healthz``; yields its URL, and stops it after."""
+    import httpx
+
+    assert env.get("FARM_API_PORT") == str(port)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.api"], env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://{LOCALHOST}:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the API did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from farm.jobs import Ledger
 from farm.models import ModelEntry, ModelRegistry
 from farm.workers_registry import WorkerRegistry
-from tests.servers import RedisServer, free_port
+from tests.servers import RedisServer, api_process, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
@@ -69,22 +68,8 @@ def api(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
     env.update(FARM_REDIS_URL=redis_server.url, FARM_API_PORT=str(port), FARM_NAMESPACE=ns,
                FARM_DATA_DIR=str(tmp), FARM_STORAGE_URL=f"file://{tmp / 'store'}",
                PYTHONPATH=str(ROOT))  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "farm.api"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the API did not start"
-                time.sleep(0.1)
+    with api_process(env, port) as url:
         yield Api(url, ns)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,12 @@ record through ``Ledger.record_error``, read back by the API (``/v1/jobs/<id>/er
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -21,7 +18,7 @@ from fastapi.testclient import TestClient
 from farm import cli
 from farm.config import Config
 from farm.jobs import ERROR_CHARS, ERRORS_KEPT, Ledger
-from tests.servers import RedisServer, free_port
+from tests.servers import RedisServer, api_process, free_port
 
 Submit = Callable[..., dict[str, Any]]
 
@@ -131,18 +128,8 @@ def test_farm_errors_prints_the_failure_list(
     port = free_port()
     env = {**os.environ, "FARM_REDIS_URL": redis_server.url, "FARM_API_PORT": str(port),
            "FARM_DATA_DIR": str(tmp_path), "FARM_NAMESPACE": config.namespace}  # fmt: skip
-    api = subprocess.Popen([sys.executable, "-m", "farm.api"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert api.poll() is None and time.monotonic() < deadline, "no API"
-                time.sleep(0.1)
-        monkeypatch.setenv("FARM_API_URL", f"http://127.0.0.1:{port}")
+    with api_process(env, port) as url:
+        monkeypatch.setenv("FARM_API_URL", url)
         assert cli.main(["errors", job]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0] == f"job {job}: 3 failures recorded, the last 3 shown"
@@ -174,6 +161,3 @@ def test_farm_errors_prints_the_failure_list(
         assert "last error: " in out and "render on w0 [synthetic]: OutOfMemoryError" in out
         assert cli.main(["errors", job, "--limit", "500"]) == 2
         assert "limit" in capsys.readouterr().err
-    finally:
-        api.terminate()
-        api.wait(timeout=10)

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
@@ -24,7 +23,7 @@ from farm.jobs import Ledger
 from farm.redis_server import free_port
 from farm.spec import JobSpec
 from farm.watch import Watch, run
-from tests.servers import RedisServer
+from tests.servers import RedisServer, api_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,21 +52,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         env = {**os.environ, "FARM_REDIS_URL": server.url, "FARM_API_PORT": str(port),
                "FARM_DATA_DIR": str(tmp), "FARM_NAMESPACE": ns,
                "FARM_API_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}  # fmt: skip
-        proc = subprocess.Popen([sys.executable, "-m", "farm.api"], env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                    break
-                except httpx.TransportError:
-                    assert proc.poll() is None and time.monotonic() < deadline, "no API"
-                    time.sleep(0.1)
+        with api_process(env, port):
             yield Api(env["FARM_API_URL"], Ledger(redis.Redis.from_url(server.url), ns), env)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
 
 
 def play(ledger: Ledger, steps: list[tuple[str, list[int], bool]], pause: float = 0.3) -> None:
