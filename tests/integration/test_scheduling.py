@@ -71,11 +71,11 @@ def test_a_sweep_over_models_renders_its_models_side_by_side(farm: Cluster) -> N
     placement and is released into that model's queue, so the models render at the same
     time, each on its own worker, rather than one after another."""
     mark = last_event_id(farm.ledger)
-    spec = JobSpec(**{**BASE, "model": "m0", "prompt": "a shape", "seed": 5, "count": 30,
+    spec = JobSpec(**{**BASE, "model": "m0", "prompt": "a shape", "seed": 5, "count": 20,
                       "batch_size": 2, "steps": 8, "sweep": {"model": list(MODELS)}})  # fmt: skip
     job_id = farm.ledger.create(spec).id
     job = farm.wait(job_id)
-    assert (job.state, job.done, job.total) == ("done", 90, 90)
+    assert (job.state, job.done, job.total) == ("done", 60, 60)
     tpc = job.plan.tasks_per_cell  # cell k (tasks k*tpc...) renders MODELS[k]
     first_start: dict[str, int] = {}
     last_end: dict[str, int] = {}
@@ -122,9 +122,12 @@ def test_high_priority_job_starts_within_one_task_and_finishes_first(farm: Clust
     print(f"high job's first task started {first - queued_at} ms after submit; "
           f"low job's tasks take {durations[0]}-{longest} ms")  # fmt: skip
     assert first - queued_at <= longest + 250
-    h, lo = farm.wait(high), farm.wait(low)
-    assert h.finished_at is not None and lo.finished_at is not None
-    assert h.finished_at < lo.finished_at
+    h = farm.wait(high)
+    lo = farm.ledger.get(low)
+    # it finished first: the low job was still rendering when the high one was done
+    assert h.state == "done" and h.finished_at is not None
+    assert lo.state == "running" and lo.done < lo.total and lo.finished_at is None
+    assert farm.ledger.cancel(low) == "ok"  # the rest of it shows nothing more
 
 
 def test_pause_stops_new_tasks_and_resume_completes_the_job(farm: Cluster) -> None:
