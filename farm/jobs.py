@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -555,7 +554,7 @@ class Ledger:
             "tasks_started": 0,
             "tasks_finished": 0,
             "created_at": now,
-            "model_layout": json.dumps(_model_layout(plan)),  # see _MARK
+            "model_layout": json.dumps(plan.model_layout()),  # see _MARK
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.job_key(job_id), mapping=mapping)
@@ -1029,18 +1028,6 @@ def _cell_cursors(h: dict[str, str], job: JobRecord) -> tuple[int, dict[int, int
     pos, tpc = job.cursor, job.plan.tasks_per_cell
     passed = pos // tpc
     return passed, ({passed: pos} if pos > passed * tpc else {})
-
-
-def _model_layout(plan: Plan) -> dict[str, Any]:
-    """Where the model of image k is, for ``_MARK`` to count images per model without a
-    read of the spec: cell = k // per_cell, model = models[(cell // stride) % len(models)],
-    as ``Plan.cell_model`` finds it (a sweep's model is one digit of the cell number)."""
-    spec = plan.spec
-    models = [str(m) for m in spec.sweep.get("model", [spec.model])]
-    keys = plan.sweep_keys
-    at = keys.index("model") if "model" in spec.sweep else len(keys)
-    stride = math.prod(plan.sweep_sizes[at + 1 :])
-    return {"per_cell": plan.per_cell, "stride": stride, "models": models}
 
 
 def _set_bits(data: bytes, base: int, total: int) -> Iterator[int]:

@@ -443,6 +443,15 @@ class Plan:
         values = self._model_values
         return str(values[(cell // self._model_stride) % len(values)])
 
+    def model_layout(self) -> dict[str, Any]:
+        """What ``cell_model`` reads, as data (for the ledger's Lua, which counts images
+        per model): image k's model is ``models[(k // per_cell // stride) % len(models)]``."""
+        return {
+            "per_cell": self.per_cell,
+            "stride": self._model_stride,
+            "models": [str(m) for m in self._model_values],
+        }
+
     def _model_digits(self, model: str) -> list[int]:
         return [i for i, v in enumerate(self._model_values) if str(v) == model]
 
