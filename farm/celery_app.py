@@ -6,6 +6,12 @@ code (torch, diffusers). See FACTS/DESIGN for why each setting is what it is.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+
+import redis
 from celery import Celery
 from pydantic import BaseModel, ConfigDict
 
@@ -13,6 +19,9 @@ from farm.config import Config
 from farm.redis_client import connection_limits
 
 RENDER_TASK = "farm.render"
+PRIORITY_STEPS = tuple(range(10))  # one Redis list per Celery priority (see make_app)
+QUEUE_SEP = ":"
+UNACKED_KEY = "unacked"  # kombu's hash of the messages delivered to a consumer, not acked
 
 
 class RenderMessage(BaseModel):
@@ -35,6 +44,55 @@ def worker_queue(namespace: str, worker: str) -> str:
     return f"{namespace}.w.{worker}"
 
 
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold ``queue``'s messages, one per priority step (kombu names
+    the one of priority 0 after the queue itself)."""
+    return [queue if p == 0 else f"{queue}{QUEUE_SEP}{p}" for p in PRIORITY_STEPS]
+
+
+def held_tasks(client: redis.Redis, namespace: str, models: Iterable[str]) -> set[tuple[str, int]]:
+    """(job id, task number) of every render message the broker holds for ``models``:
+    waiting in their queues, or delivered to a worker and not acked yet. One round trip.
+
+    A message is in neither while a worker moves it from the queue to the unacked hash
+    (kombu does that in two steps, the second from the worker): a worker cut off from
+    Redis between the two has lost it."""
+    pipe = client.pipeline(transaction=False)
+    for model in models:
+        for key in queue_lists(model_queue(namespace, model)):
+            pipe.lrange(key, 0, -1)
+    pipe.hvals(UNACKED_KEY)
+    *queued, unacked = pipe.execute()
+    raws = [raw for got in queued for raw in got]
+    for item in unacked:
+        try:
+            raws.append(json.loads(item)[0])  # [message, exchange, routing key]
+        except (ValueError, TypeError, IndexError, KeyError):
+            continue
+    out = set()
+    for raw in raws:
+        msg = _render_message(raw)
+        if msg is not None and msg.namespace == namespace:
+            out.add((msg.job_id, msg.task_no))
+    return out
+
+
+def _render_message(raw: object) -> RenderMessage | None:
+    """The payload of a kombu message (as stored in Redis) if it is a ``farm.render`` task
+    of Celery's message protocol 2, else None."""
+    try:
+        message = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        if message["headers"].get("task") != RENDER_TASK:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+        return RenderMessage.model_validate(kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
+        return None
+
+
 def celery_priority(priority: int) -> int:
     """Job priority 0-100 (100 most urgent) -> Celery priority on Redis (0 most urgent)."""
     return 9 - round(max(0, min(100, priority)) * 9 / 100)
@@ -55,8 +113,8 @@ def make_app(config: Config) -> Celery:
     vt = config.visibility_timeout
     transport = {
         "visibility_timeout": vt,
-        "priority_steps": list(range(10)),
-        "sep": ":",
+        "priority_steps": list(PRIORITY_STEPS),
+        "sep": QUEUE_SEP,
         "queue_order_strategy": "priority",
         # restore tasks of dead workers soon after the visibility timeout
         "unacked_restore_interval": 2,

@@ -767,12 +767,18 @@ class Ledger:
             for job_id, got in zip(job_ids, pipe.execute(), strict=True)
             if got
         }
-        if found:
-            pipe = self.r.pipeline(transaction=False)
-            for job_id, stale in found.items():
-                pipe.zadd(self.job_key(job_id, "pending"), {str(t): now for t in stale}, xx=True)
-            pipe.execute()
+        self.renew_releases(found, now)
         return found
+
+    def renew_releases(self, tasks: dict[str, list[int]], now: float) -> None:
+        """Set the release time of these tasks (per job) to ``now``, those still waiting
+        to be claimed only: they are being sent again. One round trip."""
+        if not tasks:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, nos in tasks.items():
+            pipe.zadd(self.job_key(job_id, "pending"), {str(t): now for t in nos}, xx=True)
+        pipe.execute()
 
     def running(self) -> dict[str, list[tuple[str, int]]]:
         """Claimed, unfinished tasks by worker instance."""

@@ -4,7 +4,8 @@ Each round, on the leader only (a Redis lease elects one among replicas):
 
 1. Recover: tasks claimed by a worker whose heartbeat expired go back to their model's
    queue at once, without waiting for the broker's visibility timeout (a duplicate run is
-   harmless: the ledger counts an image once).
+   harmless: the ledger counts an image once). Tasks released and not claimed whose
+   message the broker no longer holds anywhere go again too (``resend_lost``).
 2. Place: from the workers' inventories and each model's backlog, the pure placement
    policy (``scheduler.placement.place``) says which model each worker serves; changes are
    written to Redis, where each worker picks up its own entry.
@@ -34,7 +35,7 @@ from typing import Any
 import kombu.exceptions
 import redis
 
-from farm.celery_app import RenderMessage, celery_priority, make_app, send_render
+from farm.celery_app import RenderMessage, celery_priority, held_tasks, make_app, send_render
 from farm.config import Config
 from farm.jobs import RUNNABLE, JobRecord, Ledger
 from farm.redis_client import connect
@@ -43,6 +44,10 @@ from scheduler.placement import ModelDemand, PlacementParams, WorkerState, place
 from scheduler.policy import JobView, capacity, plan_releases
 
 log = logging.getLogger("farm.scheduler")
+
+# seconds between two looks for released, unclaimed tasks whose message the broker lost; a
+# task missing at two looks in a row is sent again, so within 2 x LOST_LOOK_S and a round
+LOST_LOOK_S = 5.0
 
 # KEYS: lease   ARGV: me, ttl_ms -> 1 if held by me (taken or renewed)
 _LEASE = """
@@ -160,6 +165,9 @@ class Scheduler:
         self.recovered = 0
         self.leader = False
         self.last_stale_scan = -math.inf
+        self.last_lost_look = -math.inf
+        # released, unclaimed tasks the broker held nowhere at the last look
+        self.missing: set[tuple[str, int]] = set()
         # tasks released in the ledger whose message the broker did not take (it was away):
         # sent first thing next round
         self.unsent: list[Message] = []
@@ -192,6 +200,8 @@ class Scheduler:
             self.release_cut_off = False
         elif now - self.last_stale_scan >= self.config.resend_after / 4:
             self.resend_stale(jobs, now, self.config.resend_after)
+        if now - self.last_lost_look >= LOST_LOOK_S:
+            self.resend_lost(jobs, now)
         claimed: dict[str, set[int]] = defaultdict(set)
         for tasks in running.values():
             for job_id, task_no in tasks:
@@ -216,6 +226,40 @@ class Scheduler:
                 log.warning("task %s/%s was never claimed; sent again", job.id, task_no)
         self.recovered += len(out)
         self._send_all(out)
+
+    def resend_lost(self, jobs: list[JobRecord], now: float) -> None:
+        """Send again the tasks released and not claimed whose message the broker held
+        nowhere, neither in a queue nor delivered and unacked, at this look and the last.
+
+        A worker moves a message from its queue to the unacked hash in two steps; one cut
+        off from Redis in between (its server failed over, or the worker died) has taken
+        the message out of the broker for good, and the broker would never hand it out
+        again. A message between the two steps, or a task claimed since the pending list
+        was read, is missing at one look only: the next finds it or its claim."""
+        self.last_lost_look = now
+        pending = {(j.id, t) for j in jobs for t in j.pending_tasks}
+        pending -= {(job_id, task_no) for job_id, task_no, *_ in self.unsent}
+        if not pending:
+            self.missing = set()
+            return
+        by_id = {j.id: j for j in jobs}
+        models = {by_id[job_id].plan.task_model(t) for job_id, t in pending}
+        missing = pending - held_tasks(self.r, self.config.namespace, models)
+        lost, self.missing = missing & self.missing, missing - self.missing
+        if not lost:
+            return
+        out: dict[str, list[int]] = defaultdict(list)
+        for job_id, task_no in sorted(lost):
+            out[job_id].append(task_no)
+            log.warning(
+                "task %s/%s: its message is lost from the broker; sent again", job_id, task_no
+            )
+        self.ledger.renew_releases(out, now)
+        messages = [
+            _message(by_id[j], t, by_id[j].plan.task_model(t)) for j, ts in out.items() for t in ts
+        ]
+        self.recovered += len(messages)
+        self._send_all(messages)
 
     def recover(self, running: dict[str, list[tuple[str, int]]], inventories: list[dict]) -> None:
         live = {w.get("instance", w["name"]) for w in inventories}

@@ -1,9 +1,11 @@
 """What the scheduler reads each round, against a real Redis server: the active jobs in one
 round trip with each spec read once, released-but-unclaimed tasks looked for only every
-quarter of ``resend_after``, and lanes that cost no more for a sweep of many cells."""
+quarter of ``resend_after``, messages the broker lost sent again within seconds, and lanes
+that cost no more for a sweep of many cells."""
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import time
@@ -14,10 +16,11 @@ from typing import Any
 
 import redis
 
+from farm.celery_app import UNACKED_KEY, held_tasks, model_queue, queue_lists
 from farm.config import Config
 from farm.jobs import JobRecord, Ledger
 from farm.spec import JobSpec
-from scheduler.service import Scheduler, job_lanes
+from scheduler.service import LOST_LOOK_S, Scheduler, job_lanes
 
 Submit = Callable[..., dict[str, Any]]
 
@@ -89,6 +92,76 @@ def test_the_scheduler_looks_for_unclaimed_tasks_every_quarter_of_resend_after(
     sched.lease.release()
     other.tick(now=t0 + 142)
     assert other.leader and other.recovered == out
+
+
+def test_a_message_the_broker_lost_is_sent_again_at_the_second_look(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    sched = Scheduler(config, redis_client)
+    job = submit(count=32, batch_size=2)["id"]
+    lists = queue_lists(model_queue(config.namespace, "synthetic"))
+    t0 = time.time()
+    sched.tick(now=t0)  # releases and sends
+    sent = held_tasks(redis_client, config.namespace, ["synthetic"])
+    pending = {int(t) for t in redis_client.zrange(sched.ledger.job_key(job, "pending"), 0, -1)}
+    assert len(sent) >= 3 and sent == {(job, t) for t in pending}
+
+    def take() -> tuple[bytes, int]:
+        """What a worker's BRPOP does: the oldest message of the first list that has one."""
+        for key in lists:
+            raw = redis_client.rpop(key)
+            if raw is not None:
+                msg = json.loads(raw)
+                (_, kwargs, _) = json.loads(base64.b64decode(msg["body"]))
+                return raw, kwargs["task_no"]
+        raise AssertionError("no message queued")
+
+    lost_raw, lost = take()  # the worker was cut off before it recorded the message
+    acked_raw, unacked = take()  # recorded as kombu's QoS does: not lost
+    redis_client.hset(UNACKED_KEY, "tag-1", json.dumps([json.loads(acked_raw), "", "x"]))
+    _, claimed = take()  # taken, claimed and rendered, as a worker does
+    assert sched.ledger.claim(job, claimed, "w1") == "ok"
+    assert sched.ledger.finish_task(job, claimed)
+    assert (job, lost) not in held_tasks(redis_client, config.namespace, ["synthetic"])
+
+    sched.tick(now=t0 + LOST_LOOK_S)  # first look: missing once is not enough
+    assert sched.recovered == 0 and sched.missing == {(job, lost)}
+    sched.tick(now=t0 + LOST_LOOK_S * 1.5)  # too soon for another look
+    assert sched.recovered == 0
+    sched.tick(now=t0 + LOST_LOOK_S * 2)  # second look: still missing, so sent again
+    assert sched.recovered == 1 and sched.missing == set()
+    held = held_tasks(redis_client, config.namespace, ["synthetic"])
+    assert (job, lost) in held and (job, unacked) in held and (job, claimed) not in held
+    # its release time was renewed, so resend_after counts from now
+    score = redis_client.zscore(sched.ledger.job_key(job, "pending"), str(lost))
+    assert score == t0 + LOST_LOOK_S * 2
+    sched.tick(now=t0 + LOST_LOOK_S * 4)
+    assert sched.recovered == 1  # nothing else is missing
+    redis_client.hdel(UNACKED_KEY, "tag-1")
+
+
+def test_held_tasks_reads_render_messages_of_its_namespace_only(
+    redis_client: redis.Redis, config: Config
+) -> None:
+    queue = model_queue(config.namespace, "m")
+    message = {
+        "body": base64.b64encode(
+            json.dumps(
+                [[], {"namespace": config.namespace, "job_id": "j", "task_no": 4}, {}]
+            ).encode()
+        ).decode(),
+        "headers": {"task": "farm.render"},
+        "properties": {"body_encoding": "base64"},
+    }
+    other_ns = json.loads(json.dumps(message))
+    other_ns["body"] = base64.b64encode(
+        json.dumps([[], {"namespace": "elsewhere", "job_id": "j", "task_no": 5}, {}]).encode()
+    ).decode()
+    other_task = {**message, "headers": {"task": "something.else"}}
+    redis_client.lpush(queue + ":7", json.dumps(message), json.dumps(other_ns))
+    redis_client.lpush(queue, json.dumps(other_task), b"not json", b"{}")
+    assert held_tasks(redis_client, config.namespace, ["m"]) == {("j", 4)}
+    assert held_tasks(redis_client, config.namespace, ["n"]) == set()
 
 
 def reference_lanes(job: JobRecord) -> dict[str, tuple[tuple[int, ...], int]]:
