@@ -20,7 +20,7 @@ import redis
 
 SYNTHETIC = "synthetic"
 LORA = "lora"  # the engine of a LoRA file: merged into a checkpoint's weights by a job
-LORA_ENGINES = ("sd1",)  # the engines of the checkpoints a LoRA can be merged into
+LORA_ENGINES = ("sd1", "sdxl")  # the engines of the checkpoints a LoRA can be merged into
 # key endings of the LoRA layouts the engine reads (workers.engine.lora), and of LyCORIS
 # kinds it does not
 _LORA_KEYS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
@@ -47,7 +47,7 @@ def no_loras(entry: ModelEntry) -> str:
     """Why a job on ``entry`` cannot have LoRAs."""
     return (
         f"model {entry.name!r} ({entry.engine}) takes no LoRA; LoRAs go with "
-        f"{', '.join(LORA_ENGINES)} models"
+        f"{' or '.join(f'{e} models' for e in LORA_ENGINES)}"
     )
 
 
@@ -123,6 +123,33 @@ def probe_engine(path: str | Path) -> str:
     if any(name.startswith("model.diffusion_model.") for name in header):
         return "sd1"
     raise ValueError(f"{path}: no known diffusion model layout in its tensor names")
+
+
+# a LoRA's family from the width of the text context its cross-attention keys and values
+# read, or failing that from its text encoders' prefixes and widths
+_CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 1280: "sdxl-refiner", 2048: "sdxl"}
+_CONTEXT_DOWN = ("attn2_to_k.lora_down.weight", "attn2_to_v.lora_down.weight",
+                 "attn2.to_k.lora_A.weight", "attn2.to_v.lora_A.weight")  # fmt: skip
+_SDXL_ENCODERS = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+_ENCODER_QUERY = ("self_attn_q_proj.lora_down.weight", "self_attn.q_proj.lora_A.weight")
+_ENCODER_WIDTHS = {768: "sd1", 1024: "sd2"}
+
+
+def lora_family(path: str | Path) -> str | None:
+    """The model family a LoRA file was made for (``sd1``, ``sd2``, ``sdxl``, ...) from its
+    tensor names and shapes (no torch), or None when they do not say."""
+    header = read_safetensors_header(path)
+    for name, info in header.items():
+        if name.endswith(_CONTEXT_DOWN) and isinstance(info, dict) and len(info["shape"]) == 2:
+            if family := _CONTEXT_WIDTHS.get(int(info["shape"][1])):
+                return family
+    if any(name.startswith(_SDXL_ENCODERS) for name in header):
+        return "sdxl"
+    for name, info in header.items():
+        if name.startswith(("lora_te_", "text_encoder.")) and name.endswith(_ENCODER_QUERY):
+            if family := _ENCODER_WIDTHS.get(int(info["shape"][1])):
+                return family
+    return None
 
 
 def lora_hash(path: str | Path) -> str:

@@ -5,15 +5,25 @@ files do (``module_index``) and keeps a ``MergedLoras`` over them.
 File layouts read:
 
 - kohya / A1111: ``lora_unet_<path>.lora_down.weight``, ``.lora_up.weight`` and
-  ``.alpha``, ``lora_te_<path>...`` for the text encoder, where ``<path>`` is the module's
-  dotted name with ``_`` for ``.`` (``lora_unet_down_blocks_1_attentions_0_proj_in``);
+  ``.alpha``, ``lora_te_<path>...`` for the text encoder (SDXL's: ``lora_te1_``,
+  ``lora_te2_``), where ``<path>`` is the module's dotted name with ``_`` for ``.``
+  (``lora_unet_down_blocks_1_attentions_0_proj_in``);
 - diffusers / peft: ``unet.<path>.lora_A.weight`` (down) and ``.lora_B.weight`` (up),
-  ``text_encoder.<path>...``, read as the kohya names they stand for.
+  ``text_encoder.<path>...``, ``text_encoder_2.<path>...``, read as the kohya names they
+  stand for, which the engine says (``MergedLoras(roots=...)``: ``text_encoder.`` is
+  SD1's ``lora_te_``, SDXL's ``lora_te1_``).
 
 A layer is an ``nn.Linear`` or an ``nn.Conv2d`` of any kernel (the down factor carries
 the kernel, the up factor is 1x1). Its delta is ``weight * alpha / rank * up @ down``
 (no alpha: alpha = rank). LyCORIS kinds (LoHa, LoKr, a LoCon's ``lora_mid``, DoRA's
 ``dora_scale``) are not read: their layers count as not applied.
+
+A file made for another model family is refused as a whole, though some of its layers may
+match by name and shape (an SD1 LoRA's ``down_blocks_1`` attention layers have the shapes
+of SDXL's): a layer under a kohya prefix the model has no layer under (``lora_te_`` on
+SDXL, ``lora_te1_`` on SD1), or a cross-attention key or value projection
+(``attn2_to_k``, ``attn2_to_v``) named like the model's but reading a text context of
+another width (768 SD1, 1024 SD2, 2048 SDXL).
 
 Merging writes ``W + delta`` into the weights in place, so sampling costs nothing more
 than without a LoRA. The original tensors of the layers touched are kept on the CPU and
@@ -45,8 +55,10 @@ _PARTS = {
     ".lora_B.weight": "up",
     ".alpha": "alpha",
 }
-# diffusers / peft roots -> kohya prefixes
-_ROOTS = {"unet.": "lora_unet_", "text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
+# diffusers / peft roots -> kohya prefixes (SD1's; SDXL's first encoder is lora_te1_)
+ROOTS = {"unet.": "lora_unet_", "text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
+# the layers that read the text context: their input width is the model family's
+_CONTEXT_LAYERS = ("attn2_to_k", "attn2_to_v")
 _TICK_EVERY = 16  # layers merged between two progress calls
 
 
@@ -84,24 +96,27 @@ class LoraLayer:
         return up @ down
 
 
-def layer_name(key: str) -> tuple[str, str] | None:
-    """(kohya layer name, part) of a LoRA file key, or None for a key of another kind."""
+def layer_name(key: str, roots: Mapping[str, str] = ROOTS) -> tuple[str, str] | None:
+    """(kohya layer name, part) of a LoRA file key, or None for a key of another kind.
+    ``roots``: the kohya prefix each diffusers / peft root stands for."""
     suffix = next((x for x in _PARTS if key.endswith(x)), None)
     if suffix is None:
         return None
     base, part = key[: -len(suffix)], _PARTS[suffix]
     if base.startswith("lora_"):
         return base, part
-    for root, prefix in _ROOTS.items():
+    for root, prefix in roots.items():
         if base.startswith(root):
             return prefix + base[len(root) :].replace(".", "_"), part
     return None
 
 
-def read_lora(path: str | Path, name: str = "") -> tuple[dict[str, LoraLayer], list[str]]:
-    """The layers of a LoRA file by kohya name, and the keys that make no layer (another
-    kind, a layer with a part missing or one not read here). LoraError naming the LoRA if
-    the file cannot be read."""
+def read_lora(
+    path: str | Path, name: str = "", roots: Mapping[str, str] = ROOTS
+) -> tuple[dict[str, LoraLayer], list[str]]:
+    """The layers of a LoRA file by kohya name (peft keys named by ``roots``), and the keys
+    that make no layer (another kind, a layer with a part missing or one not read here).
+    LoraError naming the LoRA if the file cannot be read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -114,7 +129,7 @@ def read_lora(path: str | Path, name: str = "") -> tuple[dict[str, LoraLayer], l
     keys: dict[str, list[str]] = {}
     other: list[str] = []
     for key, value in tensors.items():
-        found = layer_name(key)
+        found = layer_name(key, roots)
         if found is None:
             other.append(key)
             continue
@@ -151,6 +166,11 @@ def module_index(
     return out
 
 
+def kohya_prefix(name: str) -> str:
+    """The component part of a kohya layer name: ``lora_unet``, ``lora_te``, ``lora_te1``."""
+    return "_".join(name.split("_", 2)[:2])
+
+
 def _identity(lora: LoraRequest) -> tuple[str, int, int, float]:
     """What makes two requests the same merge: the file (path, size, mtime) and weight."""
     try:
@@ -164,11 +184,15 @@ class MergedLoras:
     """The LoRAs merged into a set of modules now, with the original weights of the layers
     they touched (on the CPU), so that another set replaces them exactly."""
 
-    def __init__(self, index: Callable[[], Mapping[str, nn.Module]]) -> None:
+    def __init__(
+        self, index: Callable[[], Mapping[str, nn.Module]], roots: Mapping[str, str] = ROOTS
+    ) -> None:
         """``index``: the layers by the names LoRA files use (``module_index``), built once
-        at the first merge."""
+        at the first merge. ``roots``: the kohya prefix of each diffusers / peft root."""
         self._index_of = index
         self._index: Mapping[str, nn.Module] | None = None
+        self._prefixes: frozenset[str] = frozenset()
+        self.roots = dict(roots)
         self._saved: dict[nn.Module, Tensor] = {}
         self.applied: tuple[tuple[str, int, int, float], ...] = ()
 
@@ -176,6 +200,7 @@ class MergedLoras:
     def index(self) -> Mapping[str, nn.Module]:
         if self._index is None:
             self._index = self._index_of()
+            self._prefixes = frozenset(kohya_prefix(name) for name in self._index)
         return self._index
 
     def apply(self, loras: Sequence[LoraRequest], progress: Progress | None = None) -> bool:
@@ -213,7 +238,7 @@ class MergedLoras:
         index = self.index
         for lora in loras:
             what = f"LoRA {lora.name!r} ({Path(lora.path).name})"
-            layers, other = read_lora(lora.path, lora.name)
+            layers, other = read_lora(lora.path, lora.name, self.roots)
             if progress is not None:
                 progress()
             matched: list[tuple[nn.Module, LoraLayer]] = []
@@ -239,6 +264,9 @@ class MergedLoras:
                     f"{len(misfit)} have another shape (like {', '.join(misfit[:2]) or '-'}); "
                     "is it a LoRA for another model family?"
                 )
+            foreign = self._foreign(layers, misfit)
+            if foreign:
+                raise LoraError(f"{what} is a LoRA for another model family: {foreign}")
             unmatched = len(other) + sum(layers[b].keys for b in missing + misfit)
             if unmatched:
                 log.warning(
@@ -252,6 +280,24 @@ class MergedLoras:
             for module, layer in matched:
                 plan.setdefault(module, []).append((layer, layer.scale(lora.weight)))
         return plan
+
+    def _foreign(self, layers: Mapping[str, LoraLayer], misfit: Sequence[str]) -> str:
+        """Why a file that matches some layers is for another family, or "" if it is not."""
+        parts = sorted({kohya_prefix(b) for b in layers} - self._prefixes)
+        if parts:
+            return (
+                f"it has layers of {', '.join(p + '_' for p in parts)}, which this model "
+                f"has none of (it has {', '.join(p + '_' for p in sorted(self._prefixes))})"
+            )
+        context = [b for b in misfit if b.endswith(_CONTEXT_LAYERS)]
+        if context:
+            theirs = int(layers[context[0]].down.shape[1])
+            ours = int(self.index[context[0]].weight.shape[1])
+            return (
+                f"its cross-attention layers (like {context[0]}) read a text context "
+                f"{theirs} wide, this model's {ours}"
+            )
+        return ""
 
     @torch.no_grad()
     def _merge(

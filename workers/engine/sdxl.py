@@ -7,12 +7,18 @@ What SDXL adds to SD1: two text encoders whose penultimate hidden states lie sid
 as the UNet's context (CLIP ViT-L 768 + OpenCLIP ViT-bigG 1280 = 2048 wide), the pooled and
 projected output of the second, and six size numbers (original size, crop top-left, target
 size) that the UNet embeds together with the pooled text (``addition_embed_type:
-text_time``). Prompt chunking, samplers, schedules and seeding are SD1's (``sd1.py``)."""
+text_time``). Prompt chunking, samplers, schedules and seeding are SD1's (``sd1.py``).
+
+LoRAs (``apply_loras``) are merged as SD1's (``lora.py``): kohya files name the UNet's
+layers ``lora_unet_`` in the original layout (``input_blocks_4_1_...``, as kohya's SDXL
+trainer writes them) or with their diffusers names, CLIP-L's ``lora_te1_`` and bigG's
+``lora_te2_`` in transformers' CLIPTextModel(WithProjection) naming; peft files
+``unet.``, ``text_encoder.`` (CLIP-L) and ``text_encoder_2.`` (bigG)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, Progress
+from workers.engine.base import BatchRequest, EngineError, LoraRequest, Progress
+from workers.engine.lora import ROOTS, MergedLoras, module_index
 from workers.engine.names import resolve_schedule
 from workers.engine.samplers import (
     PREDICTION_TYPES,
@@ -49,6 +56,8 @@ CONFIG_DIR = ENGINE_DIR / "configs" / "sdxl"
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 OPEN_CLIP_PAD = "!"  # OpenCLIP pads with id 0 after the end token; CLIP-L repeats the end token
 TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w)
+# peft / diffusers roots of an SDXL LoRA -> kohya prefixes: the first encoder is lora_te1_
+LORA_ROOTS = {**ROOTS, "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
 
 Cond = tuple[Tensor, Tensor]  # (context, pooled text) of a group of images
 
@@ -120,6 +129,16 @@ def _unwrap(model: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
     if hasattr(model, "text_model"):
         return state
     return {k.removeprefix("text_model."): v for k, v in state.items()}
+
+
+def _text_encoder_names(model: Any) -> Callable[[str], Iterable[str]]:
+    """A text encoder's module name -> the one LoRA files give it, transformers'
+    ``text_model.encoder.layers.0.self_attn.q_proj``; transformers >= 5.6 dropped
+    CLIPTextModel's ``text_model`` level (the projection of CLIPTextModelWithProjection
+    lies outside it either way)."""
+    if hasattr(model, "text_model"):
+        return lambda name: (name,)
+    return lambda name: (name if name.startswith("text_projection") else "text_model." + name,)
 
 
 def _check_widths(name: str, cfg: dict[str, dict[str, Any]]) -> None:
@@ -258,6 +277,7 @@ class SDXLEngine:
             }
         )
         self.device = device
+        self.loras = MergedLoras(self._lora_layers, LORA_ROOTS)
 
     @property
     def device(self) -> str:
@@ -286,6 +306,39 @@ class SDXLEngine:
         if progress is not None:
             progress()  # on its device
         return engine
+
+    # ------------------------------------------------------------------------ LoRAs
+
+    def _lora_layers(self) -> dict[str, Any]:
+        """The layers by the names LoRA files give them: ``lora_unet_`` (the UNet's
+        original-layout names and its diffusers ones), ``lora_te1_`` (CLIP-L) and
+        ``lora_te2_`` (bigG)."""
+        from workers.engine.ldm_export import unet_key
+
+        config = dict(self.unet.config)
+
+        def unet_names(name: str) -> Iterable[str]:
+            try:
+                return (name, unet_key(name + ".weight", config).removesuffix(".weight"))
+            except KeyError:
+                return (name,)
+
+        te1, te2 = self.text_encoder, self.text_encoder_2
+        return {
+            **module_index("lora_unet", self.unet, unet_names),
+            **module_index("lora_te1", te1, _text_encoder_names(te1)),
+            **module_index("lora_te2", te2, _text_encoder_names(te2)),
+        }
+
+    def apply_loras(self, loras: Sequence[LoraRequest], progress: Progress | None = None) -> None:
+        """Merge exactly ``loras`` into the weights (nothing to do when they are merged
+        already). LoraError naming a file that cannot be read, fits no layer or is made for
+        another model family."""
+        if self.loras.apply(loras, progress):
+            # keys and values projected from a context under other weights are stale
+            for proc in self.unet.attn_processors.values():
+                if isinstance(proc, ContextKVCache):
+                    proc.context, proc.kv = None, None
 
     # -------------------------------------------------------------- steps of a render
 
@@ -406,8 +459,7 @@ class SDXLEngine:
         already scaled) replaces the seeded initial noise; ancestral noise stays seeded.
         ``progress`` is called after every UNet evaluation."""
         batch.validate()
-        if getattr(batch, "loras", ()):  # the worker asks for ``apply_loras`` first
-            raise EngineError("loras: the SDXL engine takes no LoRA yet")
+        self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
