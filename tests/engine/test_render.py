@@ -89,7 +89,7 @@ COMMA = 267  # ",</w>"
     ],
 )
 def test_chunks_follow_a1111(pieces, sizes):
-    from workers.engine.sd1 import chunk_tokens
+    from workers.engine.prompts import chunk_tokens
 
     chunks = chunk_tokens(pieces, COMMA)
     assert [len(c) for c in chunks] == sizes

@@ -399,3 +399,17 @@ def test_inconsistent_config_is_an_engine_error(tmp_path, sdxl_path):
     save_file(load_file(str(sdxl_path)), str(bad), metadata=metadata)
     with pytest.raises(EngineError, match=r"wide\.safetensors: UNet cross_attention_dim 32"):
         load_engine(bad)
+
+
+def test_emphasis_scales_each_encoders_states_and_not_the_pooled_text(sdxl_engine):
+    plain, plain_pooled = sdxl_engine.encode_prompts(["a red fox"])
+    got, pooled = sdxl_engine.encode_prompts(["a (red:1.5) fox"])
+    assert torch.equal(pooled, plain_pooled)  # same ids; A1111 weights only the states
+    weights = torch.ones(77, 1)
+    weights[2] = 1.5  # BOS, "a", "red"
+    width_l = sdxl_engine.text_encoder.config.hidden_size
+    for part in (slice(0, width_l), slice(width_l, None)):  # each encoder's own mean
+        z = plain[0, :, part]
+        expected = z * weights * (z.mean() / (z * weights).mean())
+        assert torch.allclose(got[0, :, part], expected, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)

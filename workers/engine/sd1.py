@@ -6,7 +6,6 @@ from ``assets/clip_tokenizer/``."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import Tensor
 from workers.engine.base import BatchRequest, EngineError, LoraRequest, Progress
 from workers.engine.lora import MergedLoras, module_index
 from workers.engine.names import resolve_schedule
+from workers.engine.prompts import MAX_TOKENS, TokenChunk, prompt_chunks
 from workers.engine.samplers import (
     ANCESTRAL,
     PREDICTION_TYPES,
@@ -33,45 +33,28 @@ ENGINE_DIR = Path(__file__).parent
 CONFIG_DIR = ENGINE_DIR / "configs" / "sd1"
 TOKENIZER_DIR = ENGINE_DIR / "assets" / "clip_tokenizer"
 CLIP_VOCAB_SIZE = 49408
-MAX_TOKENS = 77
-CHUNK_TOKENS = MAX_TOKENS - 2  # prompt tokens per 77-token chunk, between BOS and EOS
-COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack" default
-BREAK = re.compile(r"\s*\bBREAK\b\s*")  # A1111's keyword that starts a new chunk
+CLIP_TOKENIZER_COMMA = ",</w>"
 
 
-def chunk_tokens(pieces: list[list[int]], comma: int, size: int = CHUNK_TOKENS,
-                 backtrack: int = COMMA_BACKTRACK) -> list[list[int]]:
-    """A1111's split of a prompt's token ids into chunks of at most ``size``. ``pieces`` are
-    the ids of the texts between BREAKs; each after the first starts a new chunk. When a
-    chunk is full and its last ``comma`` lies at most ``backtrack`` tokens back, the chunk
-    ends after that comma and the tokens behind it open the next one, so a phrase is not cut
-    in two. Always at least one chunk (an empty prompt gives one empty chunk)."""
-    chunks: list[list[int]] = []
-    cur: list[int] = []
-    last_comma = -1
+def chunk_weights(rows: Sequence[list[int]]) -> Tensor:
+    """The emphasis weights of token chunks (a chunk of plain ids weighs 1 throughout)."""
+    return torch.tensor([getattr(r, "weights", None) or [1.0] * len(r) for r in rows])
 
-    def close() -> None:
-        nonlocal cur, last_comma
-        chunks.append(cur)
-        cur, last_comma = [], -1
 
-    for k, piece in enumerate(pieces):
-        if k:
-            close()
-        for token in piece:
-            if token == comma:
-                last_comma = len(cur)
-            elif len(cur) == size and last_comma != -1 and len(cur) - last_comma <= backtrack:
-                moved = cur[last_comma + 1:]
-                cur = cur[:last_comma + 1]
-                close()
-                cur = moved
-            if len(cur) == size:
-                close()
-            cur.append(token)
-    if cur or not chunks:
-        chunks.append(cur)
-    return chunks
+def emphasize(hidden: Tensor, weights: Tensor) -> Tensor:
+    """A1111's "Original" emphasis on a text encoder's states (chunks, 77, width): each
+    token's state times its weight, then the chunk scaled so that its mean is what it was.
+    A chunk whose weights are all 1 is left as it is, to the bit."""
+    rows = (weights != 1.0).any(dim=1)
+    if not bool(rows.any()):
+        return hidden
+    z = hidden[rows].float()
+    before = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights[rows].to(z)[..., None]
+    z = z * (before / z.mean(dim=(1, 2), keepdim=True))
+    out = hidden.clone()
+    out[rows] = z.to(hidden.dtype)
+    return out
 
 
 def run_sampler(name: str, model: Any, x: Tensor, sigmas: Tensor,
@@ -304,16 +287,19 @@ class SD1Engine:
 
     # -------------------------------------------------------------- steps of a render
 
-    def prompt_chunks(self, prompt: str) -> list[list[int]]:
-        """The prompt's token ids in A1111's chunks (``chunk_tokens``), each wrapped in
-        BOS ... EOS and padded to 77 as CLIP expects; at least one chunk. A prompt of up to
-        75 tokens without BREAK gives exactly the usual 77 ids."""
+    def prompt_chunks(self, prompt: str) -> list[TokenChunk]:
+        """The prompt's token ids in A1111's chunks (``prompts.prompt_chunks``: emphasis,
+        BREAK, 75 tokens a chunk), each wrapped in BOS ... EOS and padded to 77 as CLIP
+        expects, with each token's weight; at least one chunk. A prompt of up to 75 tokens
+        without brackets or BREAK gives exactly the usual 77 ids."""
         tok = self.tokenizer
-        pieces = [tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-                  for text in BREAK.split(prompt)]
-        chunks = chunk_tokens(pieces, tok.convert_tokens_to_ids(",</w>"))
-        return [[tok.bos_token_id, *c, tok.eos_token_id]
-                + [tok.pad_token_id] * (CHUNK_TOKENS - len(c)) for c in chunks]
+        comma = tok.convert_tokens_to_ids(CLIP_TOKENIZER_COMMA)
+        return prompt_chunks(prompt, self._tokenize, comma, tok.bos_token_id, tok.eos_token_id,
+                             tok.pad_token_id)
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, truncation=False,
+                              verbose=False).input_ids
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], chunks: int = 1) -> Tensor:
@@ -328,8 +314,10 @@ class SD1Engine:
         """``encode_prompts`` on prompts already split by ``prompt_chunks``."""
         n = max(chunks, *(len(c) for c in per))
         empty = self.prompt_chunks("")[0]
-        ids = torch.tensor([chunk for c in per for chunk in c + [empty] * (n - len(c))])
+        rows = [chunk for c in per for chunk in c + [empty] * (n - len(c))]
+        ids = torch.tensor(rows)
         hidden = self.text_encoder(ids.to(self.device))[0]  # (prompts x n, 77, width)
+        hidden = emphasize(hidden, chunk_weights(rows))
         return hidden.reshape(len(per), n * MAX_TOKENS, hidden.shape[-1])
 
     def sigmas(self, batch: BatchRequest) -> Tensor:

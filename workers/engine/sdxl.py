@@ -30,6 +30,7 @@ from torch import Tensor
 from workers.engine.base import BatchRequest, EngineError, LoraRequest, Progress
 from workers.engine.lora import ROOTS, MergedLoras, module_index
 from workers.engine.names import resolve_schedule
+from workers.engine.prompts import TokenChunk, prompt_chunks
 from workers.engine.samplers import (
     PREDICTION_TYPES,
     DiscreteEpsDenoiser,
@@ -38,15 +39,15 @@ from workers.engine.samplers import (
     rescale_zero_terminal_snr,
 )
 from workers.engine.sd1 import (
-    BREAK,
-    CHUNK_TOKENS,
+    CLIP_TOKENIZER_COMMA,
     CLIP_VOCAB_SIZE,
     ENGINE_DIR,
     MAX_TOKENS,
     TOKENIZER_DIR,
     ContextKVCache,
     _load_into,
-    chunk_tokens,
+    chunk_weights,
+    emphasize,
     load_tokenizer,
     run_sampler,
 )
@@ -342,20 +343,22 @@ class SDXLEngine:
 
     # -------------------------------------------------------------- steps of a render
 
-    def prompt_chunks(self, prompt: str) -> list[list[int]]:
-        """The prompt's token ids in A1111's chunks (``sd1.chunk_tokens``), each wrapped in
-        BOS ... EOS and padded to 77 with EOS, as CLIP-L reads them (``encode_chunks`` pads
-        the second encoder's copy with "!"); at least one chunk."""
+    def prompt_chunks(self, prompt: str) -> list[TokenChunk]:
+        """The prompt's token ids in A1111's chunks (``prompts.prompt_chunks``: emphasis,
+        BREAK, 75 tokens a chunk), each wrapped in BOS ... EOS and padded to 77 with EOS, as
+        CLIP-L reads them (``encode_chunks`` pads the second encoder's copy with "!"), with
+        each token's weight; at least one chunk."""
         tok = self.tokenizer
-        pieces = [
-            tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-            for text in BREAK.split(prompt)
-        ]
-        chunks = chunk_tokens(pieces, tok.convert_tokens_to_ids(",</w>"))
-        return [
-            [tok.bos_token_id, *c, tok.eos_token_id] + [tok.pad_token_id] * (CHUNK_TOKENS - len(c))
-            for c in chunks
-        ]
+        return prompt_chunks(
+            prompt,
+            lambda text: (
+                tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+            ),
+            tok.convert_tokens_to_ids(CLIP_TOKENIZER_COMMA),
+            tok.bos_token_id,
+            tok.eos_token_id,
+            tok.pad_token_id,
+        )
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], chunks: int = 1) -> Cond:
@@ -371,14 +374,24 @@ class SDXLEngine:
         (A1111's choice; diffusers has only one chunk)."""
         n = max(chunks, *(len(c) for c in per))
         empty = self.prompt_chunks("")[0]
-        ids = torch.tensor([chunk for c in per for chunk in c + [empty] * (n - len(c))])
+        rows = [chunk for c in per for chunk in c + [empty] * (n - len(c))]
+        ids = torch.tensor(rows)
         # bigG's copy: everything after the (first) end token becomes its pad token
         end = (ids == self.tokenizer.eos_token_id).int().argmax(dim=1, keepdim=True)
         after = torch.arange(ids.shape[1])[None, :] > end
         ids_g = ids.masked_fill(after, self.tokenizer_2.pad_token_id)
         out_l = self.text_encoder(ids.to(self.device), output_hidden_states=True)
         out_g = self.text_encoder_2(ids_g.to(self.device), output_hidden_states=True)
-        hidden = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
+        # emphasis on each encoder's states (as A1111, whose two embedders each apply it);
+        # the pooled text is left as the encoder gave it
+        weights = chunk_weights(rows)
+        hidden = torch.cat(
+            [
+                emphasize(out_l.hidden_states[-2], weights),
+                emphasize(out_g.hidden_states[-2], weights),
+            ],
+            dim=-1,
+        )
         context = hidden.reshape(len(per), n * MAX_TOKENS, hidden.shape[-1])
         pooled = out_g.text_embeds.reshape(len(per), n, -1)[:, 0]
         return context, pooled
