@@ -12,7 +12,7 @@ import hashlib
 import json
 import struct
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,20 @@ class ModelEntry:
     size: int = 0
     key: str = ""
     added_at: float = 0.0
+    # a LoRA's: the family of the models it was made for, when its file tells (lora_family)
+    family: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelEntry:
+        """An entry as stored; fields a newer version added are dropped, so a registry
+        written by it still reads during a rolling upgrade."""
+        return cls(**{k: v for k, v in raw.items() if k in _ENTRY_FIELDS})
 
+
+_ENTRY_FIELDS = frozenset(f.name for f in fields(ModelEntry))
 SYNTHETIC_ENTRY = ModelEntry(name=SYNTHETIC, engine="synthetic")
 
 
@@ -68,11 +77,11 @@ class ModelRegistry:
         if name == SYNTHETIC:
             return SYNTHETIC_ENTRY
         raw = self.r.hget(self.key, name)
-        return ModelEntry(**json.loads(raw)) if raw else None
+        return ModelEntry.from_dict(json.loads(raw)) if raw else None
 
     def list(self) -> list[ModelEntry]:
         """Every entry, LoRAs too, by name (``synthetic`` first)."""
-        entries = [ModelEntry(**json.loads(v)) for v in self.r.hvals(self.key)]
+        entries = [ModelEntry.from_dict(json.loads(v)) for v in self.r.hvals(self.key)]
         return [SYNTHETIC_ENTRY, *sorted(entries, key=lambda e: e.name)]
 
     def checkpoints(self) -> list[ModelEntry]:

@@ -58,7 +58,7 @@ def ensure_default_model(config: Config, client: redis.Redis) -> ModelEntry:
 def register_model(config: Config, client: redis.Redis, path: Path, name: str) -> ModelEntry:
     """Put a checkpoint or a LoRA into storage under its sha256 and register ``name`` for
     it (a LoRA is told by its tensor names and registered with the engine ``lora``)."""
-    from farm.models import LORA, probe_engine
+    from farm.models import LORA, lora_family, probe_engine
 
     engine = probe_engine(path)
     if engine not in ("sd1", "sdxl", LORA):
@@ -68,7 +68,14 @@ def register_model(config: Config, client: redis.Redis, path: Path, name: str) -
     store = ModelStore(open_store(config.storage_url), config.model_cache)
     blob = store.add(path)
     return ModelRegistry(client, config.namespace).add(
-        ModelEntry(name=name, engine=engine, sha256=blob.sha256, size=blob.size, key=blob.key)
+        ModelEntry(
+            name=name,
+            engine=engine,
+            sha256=blob.sha256,
+            size=blob.size,
+            key=blob.key,
+            family=(lora_family(path) or "") if engine == LORA else "",
+        )
     )
 
 

@@ -135,8 +135,13 @@ class Farm:
         self.check_loras(spec)
 
     def check_loras(self, spec: JobSpec) -> None:
-        """Each of the job's LoRAs is registered as a LoRA; FieldError naming
-        ``loras[i].name`` otherwise."""
+        """Each of the job's LoRAs is registered as a LoRA, made for the family of each of
+        the job's models when its file told which; FieldError naming ``loras[i].name``
+        otherwise."""
+        if not spec.loras:
+            return
+        names = [spec.model, *spec.sweep.get("model", [])]
+        models = {n: e for n in dict.fromkeys(names) if (e := self.models.get(n)) is not None}
         for i, lora in enumerate(spec.loras):
             entry = self.models.get(lora.name)
             if entry is None:
@@ -152,6 +157,13 @@ class Farm:
                     f"loras[{i}].name",
                     f"{lora.name!r} is a checkpoint ({entry.engine}), not a LoRA",
                 )
+            for model in models.values():
+                if entry.family and model.engine in LORA_ENGINES and entry.family != model.engine:
+                    raise FieldError(
+                        f"loras[{i}].name",
+                        f"{lora.name!r} is a LoRA for {entry.family} models; model "
+                        f"{model.name!r} is {model.engine}",
+                    )
 
 
 def create_app(

@@ -193,6 +193,36 @@ def test_the_cli_lora_flag(client: TestClient, registered: dict[str, Any], confi
             cli.spec_from_args(args, config)
 
 
+def test_a_lora_made_for_another_family_is_refused_at_submit(
+    client: TestClient, registered: dict[str, Any], redis_client: redis.Redis,
+    config: Config, tmp_path: Path,
+) -> None:  # fmt: skip
+    rng = np.random.default_rng(3)
+    xl_lora = write(  # its cross-attention keys read a 2048-wide context: SDXL's
+        tmp_path / "xl-style.safetensors",
+        {f"{LORA_KEY}.lora_down.weight": rng.standard_normal((4, 2048)),
+         f"{LORA_KEY}.lora_up.weight": rng.standard_normal((640, 4))},
+    )  # fmt: skip
+    assert register_model(config, redis_client, xl_lora, "xl-style").family == "sdxl"
+    assert registered["style"].family == ""  # a 32-wide context says no family: not checked
+    models = ModelRegistry(redis_client, config.namespace)
+    assert (entry := models.get("xl-style")) is not None and entry.family == "sdxl"  # stored
+    models.add(ModelEntry(name="xl", engine="sdxl", sha256="cd" * 32, size=1))
+    body = {"prompt": "a cat", "loras": [LORA, {"name": "xl-style"}]}
+    got = fields(client.post("/v1/jobs", json={**body, "model": "sd"}))
+    assert got == {"loras[1].name": "'xl-style' is a LoRA for sdxl models; model 'sd' is sd1"}
+    got = fields(
+        client.post("/v1/jobs", json={**body, "model": "xl", "sweep": {"model": ["xl", "sd"]}})
+    )
+    assert "model 'sd' is sd1" in got["loras[1].name"]  # every model of a sweep
+    assert Ledger(redis_client, config.namespace).list() == []
+    assert client.post("/v1/jobs", json={**body, "model": "xl"}).status_code == 201
+    # an entry a newer version wrote with a field this one does not know still reads
+    raw = json.loads(redis_client.hget(models.key, "xl") or b"{}")
+    redis_client.hset(models.key, "xl", json.dumps({**raw, "added_in": "a later version"}))
+    assert models.get("xl") == ModelEntry.from_dict(raw)
+
+
 # ------------------------------------------------------------ the A1111-compatible API
 
 MODEL = {"override_settings": {"sd_model_checkpoint": "sd"}}
