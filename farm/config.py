@@ -29,6 +29,9 @@ class Config:
     namespace: str = "farm"
     storage_url: str = field(default_factory=lambda: "file://" + str(_data_dir() / "storage"))
     model_cache: str = field(default_factory=lambda: str(_data_dir() / "models"))
+    # Flux workers: a directory holding T5 v1.1's tokenizer (tokenizer.json, as in
+    # FLUX.1-dev's tokenizer_2/), which the farm does not ship; the engine reads it here
+    flux_t5_tokenizer: str = ""
     output_prefix: str = "renders"
     default_model: str = "demo-shapes"
     api_host: str = "127.0.0.1"

@@ -122,7 +122,12 @@ def probe_engine(path: str | Path) -> str:
             "(kohya lora_down/lora_up or peft lora_A/lora_B keys)"
         )
     k = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
-    if any(name.startswith("double_blocks.") for name in header):
+    # BFL's transformer-only file, or the all-in-one checkpoint (Forge, ComfyUI), whose
+    # model.diffusion_model. prefix would otherwise read as SD1's
+    if any(
+        name.startswith(("double_blocks.", "model.diffusion_model.double_blocks."))
+        for name in header
+    ):
         return "flux"
     if any(name.startswith("conditioner.embedders.1") for name in header):
         return "sdxl"
@@ -142,6 +147,49 @@ _CONTEXT_DOWN = ("attn2_to_k.lora_down.weight", "attn2_to_v.lora_down.weight",
 _SDXL_ENCODERS = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 _ENCODER_QUERY = ("self_attn_q_proj.lora_down.weight", "self_attn.q_proj.lora_A.weight")
 _ENCODER_WIDTHS = {768: "sd1", 1024: "sd2"}
+
+
+# what a Flux model renders with (workers.engine.flux): the one sampler that fits a flow
+# model, its own schedule, sizes in whole 2x2 patches of latents
+FLUX_LIMITS = {"sampler_name": ("Euler",), "scheduler": ("Automatic", "Uniform")}
+FLUX_SIZE_MULTIPLE = 16
+
+
+def family_problems(engine: str, settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """(setting, why) for each of a job's ``settings`` (sampler_name, scheduler, width,
+    height) that a model of family ``engine`` cannot render."""
+    if engine != "flux":
+        return []
+    out = []
+    for key, allowed in FLUX_LIMITS.items():
+        if key in settings and settings[key] not in allowed:
+            out.append((key, f"{settings[key]!r} does not render a Flux model; allowed for "
+                             f"Flux: {', '.join(allowed)}"))  # fmt: skip
+    for key in ("width", "height"):
+        if key in settings and settings[key] % FLUX_SIZE_MULTIPLE:
+            out.append((key, f"{settings[key]} is not a multiple of {FLUX_SIZE_MULTIPLE}, "
+                             "which a Flux model needs"))  # fmt: skip
+    return out
+
+
+# the parts of an all-in-one Flux checkpoint (Forge's and ComfyUI's layout), by key prefix
+FLUX_PARTS = {
+    "the transformer": "model.diffusion_model.double_blocks.",
+    "text encoder CLIP-L": "text_encoders.clip_l.",
+    "text encoder T5-XXL": "text_encoders.t5xxl.",
+    "the VAE": "vae.",
+}
+
+
+def flux_missing_parts(path: str | Path) -> list[str]:
+    """The parts of an all-in-one Flux checkpoint that the file lacks, each with its key
+    prefix (BFL's transformer-only file lacks all but the transformer)."""
+    names = read_safetensors_header(path).keys()
+    return [
+        f"{part} ({prefix}*)"
+        for part, prefix in FLUX_PARTS.items()
+        if not any(n.startswith(prefix) for n in names)
+    ]
 
 
 def lora_family(path: str | Path) -> str | None:

@@ -58,12 +58,18 @@ def ensure_default_model(config: Config, client: redis.Redis) -> ModelEntry:
 def register_model(config: Config, client: redis.Redis, path: Path, name: str) -> ModelEntry:
     """Put a checkpoint or a LoRA into storage under its sha256 and register ``name`` for
     it (a LoRA is told by its tensor names and registered with the engine ``lora``)."""
-    from farm.models import LORA, lora_family, probe_engine
+    from farm.models import LORA, flux_missing_parts, lora_family, probe_engine
 
     engine = probe_engine(path)
-    if engine not in ("sd1", "sdxl", LORA):
+    if engine not in ("sd1", "sdxl", "flux", LORA):
         raise ValueError(
-            f"{path}: model family {engine!r} is not supported yet (sd1, sdxl and LoRAs)"
+            f"{path}: model family {engine!r} is not supported yet (sd1, sdxl, flux and LoRAs)"
+        )
+    if engine == "flux" and (missing := flux_missing_parts(path)):
+        raise ValueError(
+            f"{path}: not an all-in-one Flux checkpoint, it lacks {', '.join(missing)}; the "
+            "farm reads Flux as one file holding the transformer, both text encoders and the "
+            "VAE (the checkpoint layout Forge and ComfyUI load), not BFL's transformer alone"
         )
     store = ModelStore(open_store(config.storage_url), config.model_cache)
     blob = store.add(path)

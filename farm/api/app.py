@@ -35,7 +35,14 @@ from farm.api.schemas import (
 )
 from farm.config import Config
 from farm.jobs import ERRORS_KEPT, STATES, JobNotFound, JobRecord, Ledger
-from farm.models import LORA, LORA_ENGINES, ModelEntry, ModelRegistry, no_loras
+from farm.models import (
+    LORA,
+    LORA_ENGINES,
+    ModelEntry,
+    ModelRegistry,
+    family_problems,
+    no_loras,
+)
 from farm.redis_client import connect
 from farm.spec import JobSpec, Plan, set_limits
 from farm.workers_registry import WorkerRegistry
@@ -133,6 +140,20 @@ class Farm:
             if spec.loras and entry.engine not in LORA_ENGINES:
                 raise FieldError("loras", no_loras(entry))
         self.check_loras(spec)
+        self.check_families(spec)
+
+    def check_families(self, spec: JobSpec) -> None:
+        """Each setting of the job fits the family of each of its models (a Flux model
+        samples with Euler only, say); FieldError naming the setting, or its sweep value."""
+        names = dict.fromkeys([spec.model, *spec.sweep.get("model", [])])
+        engines = {e.engine for n in names if (e := self.models.get(n)) is not None}
+        for engine in sorted(engines):
+            for key in ("sampler_name", "scheduler", "width", "height"):
+                values = [(key, getattr(spec, key))]
+                values += [(f"sweep.{key}[{i}]", v) for i, v in enumerate(spec.sweep.get(key, []))]
+                for field, value in values:
+                    for _, why in family_problems(engine, {key: value}):
+                        raise FieldError(field, why)
 
     def check_loras(self, spec: JobSpec) -> None:
         """Each of the job's LoRAs is registered as a LoRA, made for the family of each of

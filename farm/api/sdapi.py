@@ -521,6 +521,10 @@ def to_spec(farm: Farm, body: Txt2ImgRequest) -> tuple[JobSpec, ModelEntry]:
             farm.check_loras(spec)
         except FieldError as exc:
             bad("prompt", exc.msg)
+        try:
+            farm.check_families(spec)
+        except FieldError as exc:
+            bad(exc.field, exc.msg)
     if problems or spec is None or entry is None:
         raise Refused(problems or [{"field": "body", "msg": "not a valid txt2img request"}])
     return spec, entry

@@ -106,9 +106,14 @@ def test_models_add_tells_a_lora_by_its_keys(
     xl_key = "conditioner.embedders.1.model.ln_final.weight"  # an SDXL checkpoint's
     sdxl = write(tmp_path / "xl.safetensors", {xl_key: np.ones(4)})
     assert cli.main(["models", "add", str(sdxl), "--name", "xl"]) == 0
+    # BFL's transformer alone: the farm reads Flux as one file with its encoders and VAE
     flux = write(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.qkv.weight": np.ones(4)})
     assert cli.main(["models", "add", str(flux), "--name", "flux"]) == 2
-    assert "family 'flux' is not supported yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not an all-in-one Flux checkpoint" in err and "the VAE (vae.*)" in err
+    refiner = write(tmp_path / "refiner.safetensors", {SD_KEY: np.zeros((8, 1280))})
+    assert cli.main(["models", "add", str(refiner), "--name", "refiner"]) == 2
+    assert "family 'sdxl-refiner' is not supported yet" in capsys.readouterr().err
 
     registry = ModelRegistry(redis_client, config.namespace)
     engines = {e.name: e.engine for e in registry.list()}

@@ -64,16 +64,42 @@ def test_probe_families(tmp_path, shapes, family):
     assert probe_family(fake_safetensors(tmp_path / "m.safetensors", shapes)) == family
 
 
+# the all-in-one Flux checkpoint (Forge, ComfyUI): its transformer under SD's UNet prefix
+FLUX_ALL_IN_ONE = {
+    "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": [128],
+    "model.diffusion_model.single_blocks.0.linear2.weight": [4, 4],
+    "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": [768],
+    "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": [4096],
+    "vae.decoder.conv_out.weight": [3, 128, 3, 3],
+}
+
+
 @pytest.mark.parametrize(
     "shapes",
-    [
-        {SD_ATTN2_KEY: [384, 1280]},
-        {"double_blocks.0.img_attn.norm.key_norm.scale": [128]},
-    ],
+    [FLUX_ALL_IN_ONE, {"double_blocks.0.img_attn.norm.key_norm.scale": [128]}],
 )
-def test_unsupported_family_is_a_clear_error(tmp_path, shapes):
-    path = fake_safetensors(tmp_path / "big.safetensors", shapes)
-    match = r"big\.safetensors: family (sdxl-refiner|flux) not supported"
+def test_flux_files_probe_as_flux_for_worker_and_farm(tmp_path, shapes):
+    from farm.models import probe_engine
+
+    path = fake_safetensors(tmp_path / "flux.safetensors", shapes)
+    assert probe_family(path) == "flux" == probe_engine(path)
+
+
+def test_unsupported_family_is_a_clear_error(tmp_path):
+    path = fake_safetensors(tmp_path / "big.safetensors", {SD_ATTN2_KEY: [384, 1280]})
+    with pytest.raises(EngineError, match=r"big\.safetensors: family sdxl-refiner not supported"):
+        load_engine(path)
+
+
+def test_transformer_only_flux_file_names_what_it_lacks(tmp_path):
+    """BFL's flux1-dev.safetensors holds the transformer only: the engine says which parts
+    of an all-in-one file are missing, before it reads any tensor."""
+    bare = {"double_blocks.0.img_attn.norm.key_norm.scale": [128]}
+    path = fake_safetensors(tmp_path / "flux1-dev.safetensors", bare)
+    match = (
+        r"flux1-dev\.safetensors: not an all-in-one Flux checkpoint, it lacks text encoder "
+        r"CLIP-L .*, text encoder T5-XXL .*, the VAE"
+    )
     with pytest.raises(EngineError, match=match):
         load_engine(path)
 

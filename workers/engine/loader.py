@@ -15,6 +15,7 @@ from workers.engine.base import Engine, EngineError, Progress
 ENGINES = {
     "sd1": ("workers.engine.sd1", "SD1Engine"),
     "sdxl": ("workers.engine.sdxl", "SDXLEngine"),
+    "flux": ("workers.engine.flux", "FluxEngine"),
 }
 SUPPORTED_FAMILIES = tuple(ENGINES)
 SD_ATTN2_KEY = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
@@ -74,8 +75,8 @@ def import_libraries(family: str = "sd1") -> None:
 
 
 def load_engine(path: str | Path, device: str = "cpu", progress: Progress | None = None) -> Engine:
-    """The engine for a checkpoint: fp32 on CPU, fp16 on CUDA. ``progress`` is called as
-    the load goes on."""
+    """The engine for a checkpoint: fp32 on CPU, fp16 on CUDA (bf16 for Flux). ``progress``
+    is called as the load goes on."""
     family = probe_family(path)
     if family not in SUPPORTED_FAMILIES:
         raise EngineError(f"{Path(path).name}: family {family} not supported yet "

@@ -1,0 +1,110 @@
+"""What a job may ask of a model's family, checked at submit against a real Redis server: a
+Flux model is registered only as the all-in-one file its engine reads, samples with Euler
+on its own schedule at sizes in multiples of 16 and takes no LoRA, each refusal a 422
+naming the field, on the farm's API and on the A1111-compatible one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from safetensors.numpy import save_file
+
+from farm.api.app import create_app
+from farm.config import Config
+from farm.jobs import Ledger
+from farm.models import FLUX_PARTS, ModelEntry, ModelRegistry
+from farm.stack import register_model
+from farm.workers_registry import WorkerRegistry
+from storage import LocalStore
+
+
+def flux_file(path: Path, without: str = "") -> Path:
+    """A file with one tensor under each prefix of the all-in-one layout (none loads)."""
+    tensors = {
+        f"{p}x.weight": np.ones(2, np.float32) for k, p in FLUX_PARTS.items() if k != without
+    }
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture
+def flux(config: Config, redis_client: redis.Redis, tmp_path: Path) -> ModelEntry:
+    ModelRegistry(redis_client, config.namespace).add(
+        ModelEntry(name="sd", engine="sd1", sha256="ab" * 32, size=1)
+    )
+    return register_model(config, redis_client, flux_file(tmp_path / "f.safetensors"), "flux")
+
+
+def test_a_flux_file_registers_only_with_its_encoders_and_vae(
+    config: Config, redis_client: redis.Redis, tmp_path: Path, flux: ModelEntry
+) -> None:
+    assert flux.engine == "flux"
+    for part in FLUX_PARTS:
+        path = flux_file(tmp_path / "part.safetensors", without=part)
+        # without its transformer a file is no Flux model at all
+        says = "no known diffusion model" if part == "the transformer" else f"it lacks {part} "
+        with pytest.raises(ValueError, match=says):
+            register_model(config, redis_client, path, "partial")
+    assert ModelRegistry(redis_client, config.namespace).get("partial") is None
+
+
+OK = {"model": "flux", "prompt": "a fox", "sampler_name": "Euler", "width": 64, "height": 80}
+# (field named in the 422, words of its message, body overrides)
+BAD: list[tuple[str, str, dict[str, Any]]] = [
+    ("sampler_name", "'Euler a' does not render a Flux model; allowed for Flux: Euler",
+     {"sampler_name": "Euler a"}),
+    ("scheduler", "allowed for Flux: Automatic, Uniform", {"scheduler": "Karras"}),
+    ("width", "72 is not a multiple of 16", {"width": 72}),
+    ("height", "88 is not a multiple of 16", {"height": 88}),
+    ("sweep.sampler_name[1]", "'DPM++ 2M' does not render a Flux model",
+     {"sweep": {"sampler_name": ["Euler", "DPM++ 2M"]}}),
+    # a sweep over an SD1 and a Flux model: every cell must render
+    ("sampler_name", "does not render a Flux model",
+     {"model": "sd", "sampler_name": "Euler a", "sweep": {"model": ["sd", "flux"]}}),
+    ("loras", "model 'flux' (flux) takes no LoRA", {"loras": [{"name": "sd"}]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "words", "over"), BAD, ids=[b[0] for b in BAD])
+def test_settings_a_flux_model_cannot_render_get_422_naming_the_field(
+    field: str, words: str, over: dict[str, Any], client: TestClient, flux: ModelEntry,
+    redis_client: redis.Redis, config: Config,
+) -> None:  # fmt: skip
+    r = client.post("/v1/jobs", json={**OK, **over})
+    assert r.status_code == 422, r.text
+    got = {d["field"]: d["msg"] for d in r.json()["detail"]}
+    assert field in got and words in got[field], got
+    assert Ledger(redis_client, config.namespace).list() == []
+
+
+def test_what_fits_is_accepted_and_an_sd1_job_keeps_its_samplers(
+    client: TestClient, flux: ModelEntry
+) -> None:
+    assert client.post("/v1/jobs", json=OK).status_code == 201
+    sweep = {**OK, "sweep": {"scheduler": ["Automatic", "Uniform"], "width": [64, 128]}}
+    assert client.post("/v1/jobs", json=sweep).status_code == 201
+    sd = {"model": "sd", "prompt": "a fox", "sampler_name": "DPM++ 2M", "width": 72}
+    assert client.post("/v1/jobs", json=sd).status_code == 201
+
+
+def test_the_a1111_api_refuses_them_too(
+    config: Config, redis_client: redis.Redis, store: LocalStore, flux: ModelEntry
+) -> None:
+    WorkerRegistry(redis_client, config.namespace).publish("w1", {"device": "cpu"}, ttl=60)
+    app = create_app(replace(config, sdapi_timeout=0.3), redis_client=redis_client, store=store)
+    body = {"prompt": "a fox", "override_settings": {"sd_model_checkpoint": "flux"}}
+    r = TestClient(app).post("/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler a"})
+    assert r.status_code == 422, r.text
+    got = {d["field"]: d["msg"] for d in r.json()["detail"]}
+    assert "does not render a Flux model" in got["sampler_name"], got
+    assert Ledger(redis_client, config.namespace).list() == []
+    r = TestClient(app).post(
+        "/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler", "width": 64, "height": 64}
+    )
+    assert r.status_code == 504, r.text  # accepted; no worker renders it in 0.3 s
