@@ -59,6 +59,10 @@ class FarmClient:
         query = f"?limit={limit}" + (f"&state={state}" if state else "")
         return self.request("GET", "/v1/jobs" + query)
 
+    def stats(self) -> dict[str, Any]:
+        """Jobs per state, images outstanding, images/s, the farm's totals, live workers."""
+        return self.request("GET", "/v1/stats")
+
     def workers(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/workers")
 

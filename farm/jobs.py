@@ -341,18 +341,25 @@ end
 return {h, redis.call('ZRANGE', KEYS[2], 0, -1), redis.call('ZRANGE', KEYS[3], 0, -1)}
 """
 
-# KEYS: active, ended:done, ended:failed, ended:cancelled, stats   ARGV: job key prefix
-# -> {state, jobs, ...}, images of runnable jobs neither done nor failed, {stats hash}.
+# KEYS: active, ended:done, ended:failed, ended:cancelled, stats   ARGV: job key prefix, now
+# -> {state, jobs, ...}, images of runnable jobs neither done nor failed, {stats hash},
+# images/s of the running jobs (as text: Redis would cut a Lua number to an integer).
 # O(active jobs), one HMGET each, in one call: what a metrics scrape reads of the ledger.
 _COUNTS = """
-local counts, outstanding = {}, 0
+local counts, outstanding, rate = {}, 0, 0
+local now = tonumber(ARGV[2])
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local h = redis.call('HMGET', ARGV[1] .. id, 'state', 'total', 'done', 'failed')
+  local h = redis.call('HMGET', ARGV[1] .. id, 'state', 'total', 'done', 'failed', 'started_at')
   local state = h[1]
   if state == 'queued' or state == 'running' or state == 'paused' then
     counts[state] = (counts[state] or 0) + 1
     if state ~= 'paused' then
       outstanding = outstanding + tonumber(h[2]) - tonumber(h[3]) - tonumber(h[4])
+    end
+    -- JobRecord.rate: images done since the first task started (a running job has no end)
+    local started = h[5] and tonumber(h[5])
+    if state == 'running' and started and tonumber(h[3]) > 0 then
+      rate = rate + tonumber(h[3]) / math.max(now - started, 1e-6)
     end
   end
 end
@@ -365,7 +372,7 @@ for i, state in ipairs({'done', 'failed', 'cancelled'}) do
   out[#out + 1] = state
   out[#out + 1] = redis.call('ZCARD', KEYS[i + 1])
 end
-return {out, outstanding, redis.call('HGETALL', KEYS[5])}
+return {out, outstanding, redis.call('HGETALL', KEYS[5]), tostring(rate)}
 """
 
 # KEYS: job, errors, stats   ARGV: entry (JSON), kept, stage
@@ -391,6 +398,7 @@ class FarmCounts:
     totals: dict[str, int]  # the ``stats`` hash: 'images_done', 'images_done:<model>',
     # 'images_failed[:<model>]', 'images_retried', 'jobs_submitted', 'task_runs',
     # 'tasks_finished', 'errors:<stage>'; each only ever grows
+    images_per_s: float = 0.0  # of the running jobs, each as ``JobRecord.rate``, summed
 
 
 @dataclass
@@ -606,24 +614,25 @@ class Ledger:
         self._ended_indexed = True
 
     def counts(self) -> FarmCounts:
-        """Jobs per state, images outstanding and the farm's totals, in one round trip
-        (Redis reads one field set per active job; ended jobs are counted from their
-        index). The totals change only in the scripts, for bits that flip, so every
-        reader sees the same numbers and a task run twice counts nothing twice."""
+        """Jobs per state, images outstanding, the running jobs' images/s and the farm's
+        totals, in one round trip (Redis reads one field set per active job; ended jobs
+        are counted from their index). The totals change only in the scripts, for bits
+        that flip, so every reader sees the same numbers and a task run twice counts
+        nothing twice."""
         self.index_ended()
-        flat, outstanding, stats = self._counts(
+        flat, outstanding, stats, rate = self._counts(
             keys=[
                 self.key("active"),
                 *(self.ended_key(s) for s in TERMINAL),
                 self.stats_key,
             ],
-            args=[self.job_key("")],
+            args=[self.job_key(""), time.time()],
         )
         jobs = dict.fromkeys(STATES, 0)
         for state, n in zip(flat[::2], flat[1::2], strict=True):
             jobs[_s(state)] = int(n)
         totals = {_s(k): int(v) for k, v in zip(stats[::2], stats[1::2], strict=True)}
-        return FarmCounts(jobs, int(outstanding), totals)
+        return FarmCounts(jobs, int(outstanding), totals, float(rate))
 
     def list(
         self, limit: int = 50, offset: int = 0, state: str | None = None, chunk: int = 256

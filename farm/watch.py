@@ -58,7 +58,8 @@ class Watch:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     ended: dict[str, dict[str, Any]] = field(default_factory=dict)
     workers: int = 0
-    more: bool = False  # a state had more unfinished jobs than one page shows
+    unfinished: int | None = None  # the farm's unfinished jobs (/v1/stats); None: those polled
+    rate: float | None = None  # the running jobs' images/s (/v1/stats); None: from those polled
 
     def update(self, polled: Iterable[dict[str, Any]]) -> list[str]:
         out = []
@@ -83,15 +84,13 @@ class Watch:
     def block(self, width: int, most: int) -> list[str]:
         shown = sorted(self.jobs.values(), key=_order)
         lines = [job_line(j, width) for j in shown[:most]]
-        more = "+" if self.more else ""
-        if len(shown) > most:
-            lines.append(f"... and {len(shown) - most}{more} more")
+        # the farm's count can lag the jobs polled after it by a job or two
+        n = max(len(shown), self.unfinished or 0)
+        if n > most:
+            lines.append(f"... and {n - most} more")
         if self.follow_all:
-            rate = sum(j["images_per_s"] for j in shown)
-            lines.append(
-                f"{len(shown)}{more} unfinished jobs, {rate:.2f}{more} img/s, "
-                f"{self.workers} workers live"
-            )
+            rate = sum(j["images_per_s"] for j in shown) if self.rate is None else self.rate
+            lines.append(f"{n} unfinished jobs, {rate:.2f} img/s, {self.workers} workers live")
         return lines
 
     def ok(self) -> bool:
@@ -108,17 +107,19 @@ def poll(client: FarmClient, watch: Watch, ids: list[str], page: int) -> list[di
     ones followed so far, to see them end)."""
     if not watch.follow_all:
         return [client.job(j) for j in ids if j not in watch.ended]
+    stats = client.stats()  # the counts, exact; the jobs are listed only for their bars
+    watch.unfinished = sum(stats["jobs"][s] for s in UNFINISHED)
+    watch.rate = stats["images_per_s"]
+    watch.workers = stats["workers"]
     seen: dict[str, dict[str, Any]] = {}
-    watch.more = False
     for state in UNFINISHED:
-        jobs = client.jobs(page, state=state)
-        watch.more |= len(jobs) == page
-        for job in jobs:
+        if not stats["jobs"][state]:  # none to list (one that came since joins next round)
+            continue
+        for job in client.jobs(page, state=state):
             seen[job["id"]] = job
     for job_id in watch.jobs:
         if job_id not in seen:  # it left the unfinished states since the last round
             seen[job_id] = client.job(job_id)
-    watch.workers = len(client.workers())
     return list(seen.values())
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, cast
 
 import redis
 from fastapi import FastAPI, HTTPException, Query, Request
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,7 +35,7 @@ from farm.api.schemas import (
     WorkerInfo,
 )
 from farm.config import Config
-from farm.jobs import ERRORS_KEPT, STATES, JobNotFound, JobRecord, Ledger
+from farm.jobs import ERROR_STAGES, ERRORS_KEPT, STATES, JobNotFound, JobRecord, Ledger
 from farm.models import (
     LORA,
     LORA_ENGINES,
@@ -49,6 +50,15 @@ from farm.workers_registry import WorkerRegistry
 from storage.keys import image_key
 
 TITLE = "render farm"
+TOTALS = (  # the farm's totals /v1/stats always has (Ledger.counts' names)
+    "images_done",
+    "images_failed",
+    "images_retried",
+    "jobs_submitted",
+    "task_runs",
+    "tasks_finished",
+    *(f"errors:{stage}" for stage in ERROR_STAGES),
+)
 MAX_BODY_BYTES = 64 * 1024 * 1024
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -68,6 +78,39 @@ class BodyLimit:
                     await SafeJSONResponse({"detail": msg}, status_code=413)(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+# (the response models of /v1/stats; the others are in farm/api/schemas.py)
+class JobsPerState(BaseModel):
+    """Every state of ``farm.jobs.STATES``, 0 where no job is in it."""
+
+    queued: int
+    running: int
+    paused: int
+    done: int
+    failed: int
+    cancelled: int
+
+
+class FarmStats(BaseModel):
+    """``GET /v1/stats``: the farm's counts, exact (``Ledger.counts``)."""
+
+    jobs: JobsPerState = Field(description="jobs in each state")
+    images_outstanding: int = Field(
+        description="images of queued and running jobs neither done nor failed"
+    )
+    images_per_s: float = Field(
+        description="of the running jobs: each job's images done since its first task "
+        "started, summed (a job's own images_per_s)"
+    )
+    totals: dict[str, int] = Field(
+        description="the farm's totals since its start, each only ever growing: "
+        "images_done, images_failed (an image failing again after a retry counts again), "
+        "images_done:<model>, images_failed:<model>, images_retried, jobs_submitted, "
+        f"task_runs, tasks_finished, errors:<stage> ({', '.join(ERROR_STAGES)}); "
+        "each is present (0 before anything counted it), a per-model one once counted"
+    )
+    workers: int = Field(description="live workers (those /v1/workers lists)")
 
 
 class Farm:
@@ -364,6 +407,28 @@ def create_app(
         job = farm.job(job_id)
         farm.ledger.set_priority(job.id, change.priority)
         return SafeJSONResponse(farm.detail(farm.job(job.id)))
+
+    @app.get(
+        "/v1/stats",
+        response_model=FarmStats,
+        responses=ERRORS,
+        summary="Jobs per state, images outstanding, images/s, the farm's totals, workers",
+    )
+    def stats() -> Response:
+        """What the dashboard's cards and ``farm watch`` show, exact: the ledger's counts
+        (one script call, which reads five fields per unfinished job and counts the ended
+        ones from their index) and the live workers. The Redis commands it sends do not
+        grow with the number of jobs."""
+        counts = farm.ledger.counts()
+        return SafeJSONResponse(
+            {
+                "jobs": {s: counts.jobs.get(s, 0) for s in STATES},
+                "images_outstanding": counts.images_outstanding,
+                "images_per_s": round(counts.images_per_s, 4),
+                "totals": {**dict.fromkeys(TOTALS, 0), **counts.totals},
+                "workers": len(farm.workers.live()),
+            }
+        )
 
     @app.get("/v1/workers", response_model=list[WorkerInfo], responses=ERRORS)
     def workers() -> Response:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -29,8 +30,9 @@ import redis
 from fastapi.testclient import TestClient
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from farm.jobs import Ledger
+from farm.jobs import STATES, Ledger
 from farm.models import ModelEntry, ModelRegistry
+from farm.spec import JobSpec
 from farm.workers_registry import WorkerRegistry
 from tests.servers import RedisServer, api_process, free_port
 
@@ -41,6 +43,7 @@ HOSTILE_TAG = "<b>vip</b>"
 HOSTILE_ERROR = "RuntimeError: <script>alert(2)</script> at step 3"
 HOSTILE_WORKER = "gpu-node-1/cuda:0<i>x</i>"
 GIB = 1024**3
+OLD_COUNT_CAP = 500  # the page counted a state by listing at most this many of its jobs
 
 
 def chromium() -> str:
@@ -145,6 +148,17 @@ class Tab:
         await self.send("Page.navigate", url=url)
         await self.until("document.body && Number(document.body.dataset.polls) >= 1")
 
+    def api_requests(self) -> list[tuple[str, dict[str, list[str]]]]:
+        """Path and query of each request the page sent to the API (``Network.enable``
+        first); the events come in with the answers to commands, so send one before."""
+        out = []
+        for e in self.events:
+            if e["method"] == "Network.requestWillBeSent":
+                url = urlsplit(e["params"]["request"]["url"])
+                if url.path.startswith("/v1/"):
+                    out.append((url.path, parse_qs(url.query)))
+        return out
+
     def problems(self) -> list[Any]:
         """Script exceptions, dialogs and console errors (CSP violations among them),
         leaving out the network's own lines for the API's 4xx answers to refused controls."""
@@ -210,6 +224,8 @@ def test_the_page_shows_jobs_progress_failures_and_workers(
     api: Api, devtools: str, redis_client: redis.Redis
 ) -> None:
     led = Ledger(redis_client, api.namespace)
+    for _ in range(OLD_COUNT_CAP + 1):  # older than the jobs below: not on the table's page
+        led.create(JobSpec(model="synthetic", prompt="a backlog", count=1))
     ModelRegistry(redis_client, api.namespace).add(
         ModelEntry(name="sd15-test", engine="sd1", sha256="ab" * 32, size=2 * GIB, key="m/ab")
     )
@@ -239,6 +255,7 @@ def test_the_page_shows_jobs_progress_failures_and_workers(
     keys = [i["key"] for i in images]
 
     async def scenario(tab: Tab) -> None:
+        await tab.send("Network.enable")
         t0 = time.time()
         await tab.open(f"{api.url}/dashboard")
         await tab.until(f"{row(a)} && {row(b)}")
@@ -268,12 +285,15 @@ def test_the_page_shows_jobs_progress_failures_and_workers(
         assert 3 / (t1 - started) - 0.01 <= rate <= 3 / (t0 - started) + 0.01
         assert 3 / (t1 - started) - 0.01 <= total_rate <= 3 / (t0 - started) + 0.01
         assert 4 / 3 * (t0 - started) - 1 <= eta <= 4 / 3 * (t1 - started) + 1  # 4 images left
-        # farm totals: jobs by state as the API lists them, the live and busy workers
-        for state in ("queued", "running", "paused", "done", "failed", "cancelled"):
-            listed = httpx.get(f"{api.url}/v1/jobs", params={"state": state}).json()
+        # farm totals: jobs by state, exact (more queued than the page once counted),
+        # as /v1/stats has them and the API lists them; the live and busy workers
+        stats = httpx.get(f"{api.url}/v1/stats").json()
+        assert stats["jobs"] == {"queued": OLD_COUNT_CAP + 1, "running": 1, "paused": 1,
+                                 "done": 0, "failed": 0, "cancelled": 0}  # fmt: skip
+        for state in STATES:
+            listed = httpx.get(f"{api.url}/v1/jobs", params={"state": state, "limit": 1000})
             shown = await tab.js(text(f"document.getElementById('count-{state}')"))
-            assert shown == str(len(listed)), state
-        assert await tab.js(text("document.getElementById('count-running')")) == "1"
+            assert shown == str(stats["jobs"][state]) == str(len(listed.json())), state
         assert await tab.js(text("document.getElementById('live')")) == "1"
         assert await tab.js(text("document.getElementById('busy')")) == "1"
 
@@ -317,6 +337,16 @@ def test_the_page_shows_jobs_progress_failures_and_workers(
         assert await tab.js("document.querySelectorAll('img, b, i').length") == 0
         assert await tab.js("document.scripts.length") == 1
 
+        # the cards come from /v1/stats, at each poll; jobs are listed for the table only,
+        # which shows all states here (no state filter)
+        await tab.until("Number(document.body.dataset.polls) >= 2")
+        await tab.js("1")
+        sent = tab.api_requests()
+        polls = await tab.js("Number(document.body.dataset.polls)")
+        assert [p for p, _ in sent].count("/v1/stats") >= polls >= 2
+        listings = [q for p, q in sent if p == "/v1/jobs"]
+        assert len(listings) >= polls and all("state" not in q for q in listings), listings
+
     in_browser(devtools, scenario)
 
 
@@ -332,6 +362,7 @@ def test_the_controls_act_and_a_refusal_shows_the_apis_message(
     field_msg = "; ".join(f"{p['field']}: {p['msg']}" for p in refused.json()["detail"])
 
     async def scenario(tab: Tab) -> None:
+        await tab.send("Network.enable")
         await tab.open(f"{api.url}/dashboard")
         await tab.until(f"{row(c)} && {row(d)}")
         # pause: the ledger has the job paused, the page says so and offers resume
@@ -373,6 +404,9 @@ def test_the_controls_act_and_a_refusal_shows_the_apis_message(
                              ".map(r => r.dataset.job)")  # fmt: skip
         listed = httpx.get(f"{api.url}/v1/jobs", params={"state": "cancelled"}).json()
         assert shown == [j["id"] for j in listed] and c in shown
+        await tab.js("1")
+        filtered = {s for p, q in tab.api_requests() if p == "/v1/jobs" for s in q.get("state", [])}
+        assert filtered == {"cancelled"}  # the one state the table shows
 
     in_browser(devtools, scenario)
 

@@ -23,6 +23,7 @@ from farm.jobs import Ledger
 from farm.redis_server import free_port
 from farm.spec import JobSpec
 from farm.watch import Watch, run
+from farm.workers_registry import WorkerRegistry
 from tests.servers import RedisServer, api_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +159,39 @@ def test_on_a_terminal_the_bars_are_redrawn_in_place(api: Api) -> None:
     assert [line.split()[0] for line in frames[2].splitlines()[1:]] == [jobs[1], jobs[2]]
     assert frames[3] == "2F" and frames[5] == "1F"
     assert frames[-1] == f"Jjob {jobs[2]} done: 2 done, 0 failed\n"
+
+
+def test_the_farm_view_counts_every_unfinished_job_exactly(api: Api) -> None:
+    """More unfinished jobs than bars: the lines under the bars count all of them, and give
+    the running jobs' images/s and the live workers, from ``/v1/stats``."""
+    jobs = [api.submit(4) for _ in range(4)]
+    assert api.ledger.claim(jobs[0], 0, "w0") == "ok"
+    api.ledger.mark(jobs[0], [0, 1])
+    started = api.ledger.get(jobs[0]).started_at
+    assert started is not None
+    workers = WorkerRegistry(api.ledger.r, api.ledger.ns)
+    workers.publish("n1-gpu0", {}, ttl=30)
+    out = io.StringIO()
+
+    def stop(_: float) -> None:
+        raise KeyboardInterrupt
+
+    t0 = time.time()
+    try:
+        assert run(FarmClient(api.url), [], most=2, out=out, tty=True, sleep=stop) == 0
+    finally:
+        t1 = time.time()
+        workers.remove("n1-gpu0")
+        for job in jobs:  # nothing left running for the other tests
+            api.ledger.cancel(job)
+    # the jobs earlier tests left unfinished are counted too
+    unfinished = 4 + sum(len(api.ledger.list(1000, state=s)) for s in ("paused", "queued"))
+    lines = out.getvalue().splitlines()
+    assert [line.split()[0] for line in lines[:2]] == [jobs[0], jobs[1]]  # running, queued
+    assert lines[2] == f"... and {unfinished - 2} more"
+    summary = re.fullmatch(r"(\d+) unfinished jobs, ([\d.]+) img/s, 1 workers live", lines[3])
+    assert summary and int(summary[1]) == unfinished, lines
+    assert 2 / (t1 - started) - 0.01 <= float(summary[2]) <= 2 / (t0 - started) + 0.01
 
 
 def test_the_farm_view_counts_and_orders_what_it_shows() -> None:

@@ -5,8 +5,7 @@
 (() => {
   const POLL_MS = 2000;
   const PAGE = 25; // jobs per page
-  const COUNT_CAP = 500; // jobs counted per state; more shows as "500+"
-  const SLOW_EVERY = 5; // ended-state counts and models: every 5th poll
+  const SLOW_EVERY = 5; // models: every 5th poll
   const THUMBS = 12; // latest images shown for the selected job
   const FAILURES = 10; // last failures shown for the selected job
   const STATES = ["queued", "running", "paused", "done", "failed", "cancelled"];
@@ -14,7 +13,6 @@
 
   const $ = (id) => document.getElementById(id);
   const view = { state: "", offset: 0, selected: null, polls: 0, busy: false, again: false };
-  const counts = new Map(); // state -> {n, capped}
   const specs = new Map(); // job id -> its spec (a spec never changes after submit)
   const rows = new Map(); // job id -> row of the jobs table
   const thumbs = new Map(); // image key -> figure of the selected job
@@ -170,19 +168,14 @@
     }
   }
 
-  async function countState(state, cap) {
-    const got = await api("GET", `/v1/jobs?state=${state}&limit=${cap}`);
-    counts.set(state, { n: got.length, capped: got.length >= cap });
-    return got;
-  }
-
-  function renderTotals(running, workers) {
+  /** The cards: jobs per state and images/s from /v1/stats (exact, one ledger read
+   * whatever the number of jobs), live and busy workers from the workers listed. */
+  function renderTotals(stats, workers) {
     for (const s of STATES) {
-      const c = counts.get(s);
-      $(`count-${s}`).textContent = c ? `${c.n}${c.capped ? "+" : ""}` : "–";
+      const n = stats.jobs[s];
+      $(`count-${s}`).textContent = typeof n === "number" ? String(n) : "–";
     }
-    const rate = running.reduce((sum, j) => sum + (j.images_per_s || 0), 0);
-    $("rate").textContent = fmtRate(rate);
+    $("rate").textContent = fmtRate(stats.images_per_s);
     $("live").textContent = String(workers.length);
     $("busy").textContent = String(workers.filter((w) => w.current_task).length);
     for (const card of document.querySelectorAll("#state-cards .card")) {
@@ -532,18 +525,16 @@
     try {
       const q = new URLSearchParams({ limit: PAGE, offset: want.offset });
       if (want.state) q.set("state", want.state);
-      const [jobs, running, workers, models] = await Promise.all([
+      // jobs are listed for the table only (its page, in its state filter)
+      const [jobs, stats, workers, models] = await Promise.all([
         api("GET", `/v1/jobs?${q}`),
-        countState("running", 1000),
+        api("GET", "/v1/stats"),
         api("GET", "/v1/workers"),
         slow ? api("GET", "/v1/models") : null,
-        countState("queued", COUNT_CAP),
-        countState("paused", COUNT_CAP),
-        ...(slow ? [...ENDED].map((s) => countState(s, COUNT_CAP)) : []),
       ]);
       await loadSpecs(jobs);
       if (want.state === view.state && want.offset === view.offset) renderJobs(jobs);
-      renderTotals(running, workers);
+      renderTotals(stats, workers);
       renderWorkers(workers);
       if (models) renderModels(models);
       await refreshDetail();
