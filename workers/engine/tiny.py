@@ -209,6 +209,19 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
             f.write(chunk)
 
 
+def write_family(path: str | Path, tensors: dict[str, Any], family: str,
+                 configs: dict[str, dict[str, Any]]) -> Path:
+    """Write one checkpoint file with the ``farm.family`` and ``farm.<component>_config``
+    metadata the engines read their component configs from."""
+    metadata = {"farm.family": family}
+    for name, cfg in configs.items():
+        metadata[f"farm.{name}_config"] = json.dumps(cfg, sort_keys=True, default=list)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, path, metadata)
+    return path
+
+
 def write_checkpoint(path: str | Path, unet: Any, vae: Any, text_encoder: Any) -> Path:
     """Write diffusers SD1 components as one original-layout .safetensors file."""
     from workers.engine.ldm_export import export_clip, export_unet, export_vae
@@ -220,16 +233,8 @@ def write_checkpoint(path: str | Path, unet: Any, vae: Any, text_encoder: Any) -
         **export_vae(vae.state_dict(), vae_cfg),
         **export_clip(text_encoder.state_dict()),
     }
-    metadata = {
-        "farm.family": "sd1",
-        "farm.unet_config": json.dumps(unet_cfg, sort_keys=True, default=list),
-        "farm.vae_config": json.dumps(vae_cfg, sort_keys=True, default=list),
-        "farm.text_encoder_config": json.dumps(te_cfg, sort_keys=True, default=list),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, path, metadata)
-    return path
+    return write_family(path, tensors, "sd1",
+                        {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": te_cfg})
 
 
 def write_sdxl_checkpoint(path: str | Path, unet: Any, vae: Any, text_encoder: Any,
@@ -253,19 +258,9 @@ def write_sdxl_checkpoint(path: str | Path, unet: Any, vae: Any, text_encoder: A
         **export_clip(text_encoder.state_dict(), SDXL_CLIP_PREFIX),
         **export_open_clip(text_encoder_2.state_dict()),
     }
-    metadata = {
-        "farm.family": "sdxl",
-        "farm.unet_config": json.dumps(unet_cfg, sort_keys=True, default=list),
-        "farm.vae_config": json.dumps(vae_cfg, sort_keys=True, default=list),
-        "farm.text_encoder_config": json.dumps(text_encoder.config.to_diff_dict(),
-                                               sort_keys=True, default=list),
-        "farm.text_encoder_2_config": json.dumps(text_encoder_2.config.to_diff_dict(),
-                                                 sort_keys=True, default=list),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, path, metadata)
-    return path
+    return write_family(path, tensors, "sdxl", {
+        "unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_encoder.config.to_diff_dict(),
+        "text_encoder_2": text_encoder_2.config.to_diff_dict()})
 
 
 def write_flux_checkpoint(path: str | Path, transformer: Any, vae: Any, text_encoder: Any,
@@ -295,19 +290,10 @@ def write_flux_checkpoint(path: str | Path, transformer: Any, vae: Any, text_enc
         **export_clip(text_encoder.state_dict(), CLIP_L_PREFIX + "text_model."),
         **{T5_PREFIX + k: v for k, v in t5.items()},
     }
-    metadata = {
-        "farm.family": "flux",
-        "farm.transformer_config": json.dumps(tr_cfg, sort_keys=True, default=list),
-        "farm.vae_config": json.dumps(vae_cfg, sort_keys=True, default=list),
-        "farm.text_encoder_config": json.dumps(text_encoder.config.to_diff_dict(),
-                                               sort_keys=True, default=list),
-        "farm.text_encoder_2_config": json.dumps(text_encoder_2.config.to_diff_dict(),
-                                                 sort_keys=True, default=list),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, path, metadata)
-    return path
+    return write_family(path, tensors, "flux", {
+        "transformer": tr_cfg, "vae": vae_cfg,
+        "text_encoder": text_encoder.config.to_diff_dict(),
+        "text_encoder_2": text_encoder_2.config.to_diff_dict()})
 
 
 def write_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
