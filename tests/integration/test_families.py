@@ -6,7 +6,6 @@ name the model and whose pixels are the engine's own render of the same request.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,25 +22,10 @@ SPEC = {"prompt": ["a red circle", "a blue square"], "seed": 11, "width": 64, "h
         "steps": 2, "cfg_scale": 3.5, "sampler_name": "Euler", "batch_size": 2}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    from workers.engine.tiny import (
-        t5_tokenizer_dir,
-        write_tiny_flux_checkpoint,
-        write_tiny_sdxl_checkpoint,
-    )
-
-    tmp = tmp_path_factory.mktemp("families")
-    models = {
-        "xl": Path(write_tiny_sdxl_checkpoint(tmp / "xl.safetensors", seed=1)),
-        "flux": Path(write_tiny_flux_checkpoint(tmp / "flux.safetensors", seed=2)),
-    }
-    env = {"OMP_WAIT_POLICY": "PASSIVE",
-           "FARM_FLUX_T5_TOKENIZER": str(t5_tokenizer_dir(models["flux"]))}  # fmt: skip
-    with Cluster(tmp, workers=1, models=models, env=env) as cluster:
-        cluster.files = models  # type: ignore[attr-defined]
-        cluster.env_vars = env  # type: ignore[attr-defined]
-        yield cluster
+@pytest.fixture
+def farm(model_farm: Cluster) -> Cluster:
+    """The session's farm of one worker (tests/integration/conftest.py): ``xl``, ``flux``."""
+    return model_farm
 
 
 @pytest.mark.parametrize("model", ["xl", "flux"])

@@ -18,12 +18,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from farm.api.app import create_app
-from farm.models import ModelRegistry, read_safetensors_header
+from farm.models import ModelRegistry
 from farm.spec import JobSpec
-from storage.keys import image_key, model_key
+from storage.keys import image_key
 from storage.png import parse_parameters, read_parameters
-from tests.cluster import Cluster, tiny_models
-from tests.engine.test_lora import LDM_NAMES, TE_LAYERS, UNET_LAYERS, write_lora
+from tests.cluster import Cluster
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -47,31 +46,11 @@ def addnet_hash(path: Path) -> str:
     return hashlib.sha256(data[8 + n :]).hexdigest()
 
 
-def layer_shapes(checkpoint: Path) -> dict[tuple[str, str], tuple[int, ...]]:
-    """The weight shapes of the test's LoRA layers, read from the checkpoint's header
-    (original-layout names), without building the model."""
-    header = read_safetensors_header(checkpoint)
-    names = {layer: f"model.diffusion_model.{LDM_NAMES[layer[1]]}.weight" for layer in UNET_LAYERS}
-    for layer in TE_LAYERS:
-        names[layer] = f"cond_stage_model.transformer.{layer[1]}.weight"
-    return {layer: tuple(header[name]["shape"]) for layer, name in names.items()}
-
-
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    tmp = tmp_path_factory.mktemp("lora-farm")
-    models = tiny_models(tmp, ("tiny",))
-    shapes = layer_shapes(models["tiny"])
-    models["style"], _ = write_lora(tmp / "style.safetensors", shapes, seed=1)
-    models["gone"], _ = write_lora(tmp / "gone.safetensors", shapes, seed=2)
-    # torch's OpenMP threads wait without spinning: on a CPU that other processes keep
-    # busy, spinning threads made each 2-image task take 3-6 s rather than 0.3-1 s
-    with Cluster(tmp, workers=1, models=models, env={"OMP_WAIT_POLICY": "PASSIVE"}) as cluster:
-        cluster.lora_files = models  # type: ignore[attr-defined]
-        gone = ModelRegistry(cluster.r, cluster.config.namespace).get("gone")
-        assert gone is not None and gone.engine == "lora"
-        cluster.store.delete(model_key(gone.sha256))  # registered, then lost from the store
-        yield cluster
+@pytest.fixture
+def farm(model_farm: Cluster) -> Cluster:
+    """The session's farm of one worker (tests/integration/conftest.py): model ``tiny``, the
+    LoRA ``style``, and ``gone``, a LoRA whose blob is lost from the store."""
+    return model_farm
 
 
 def render(farm: Cluster, **kw: object) -> tuple[str, list[bytes]]:
@@ -103,7 +82,7 @@ def test_a_job_with_a_lora_renders_with_it_on_a_worker_that_fetched_it(farm: Clu
     for png, prompt in zip(styled, SPEC["prompt"], strict=True):  # type: ignore[arg-type]
         params = parse_parameters(read_parameters(png) or "")
         assert params["prompt"] == f"{prompt} <lora:style:1>"
-        want = addnet_hash(farm.lora_files["style"])[:12]  # type: ignore[attr-defined]
+        want = addnet_hash(farm.files["style"])[:12]  # type: ignore[attr-defined]
         assert params["extra"]["Lora hashes"] == f"style: {want}"
     plain = parse_parameters(read_parameters(base[0]) or "")
     assert plain["prompt"] == SPEC["prompt"][0] and "Lora hashes" not in plain["extra"]  # type: ignore[index]
