@@ -1,7 +1,8 @@
 """End to end: the A1111-compatible txt2img on a real farm (a Redis-compatible server,
-S3 over HTTP, a Celery worker subprocess, the scheduler). The API runs in-process on the
-farm's Redis and store; the built-in ``synthetic`` model renders a solid colour per seed
-at once, so the PNGs tell by their colour which seed they were rendered with."""
+S3 over HTTP, a Celery worker subprocess, the scheduler: the session's farm of one worker).
+The API runs in-process on the farm's Redis and store; the built-in ``synthetic`` model
+renders a solid colour per seed at once, so the PNGs tell by their colour which seed they
+were rendered with."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import base64
 import io
 import json
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,11 +36,11 @@ BASE = {
 }
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, TestClient]]:
-    with Cluster(tmp_path_factory.mktemp("sdapi"), workers=1) as cluster:
-        app = create_app(cluster.config, redis_client=cluster.r, store=cluster.store)
-        yield cluster, TestClient(app)
+@pytest.fixture
+def farm(model_farm: Cluster) -> tuple[Cluster, TestClient]:
+    """The session's farm of one worker (tests/integration/conftest.py), and the API."""
+    app = create_app(model_farm.config, redis_client=model_farm.r, store=model_farm.store)
+    return model_farm, TestClient(app)
 
 
 def txt2img(client: TestClient, **fields: Any) -> tuple[list[bytes], dict[str, Any], Any]:
