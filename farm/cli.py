@@ -78,6 +78,7 @@ def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "priority": args.priority,
         "output_prefix": args.output_prefix,
+        "denoising_strength": args.denoising_strength,
     }
     spec.update({k: v for k, v in flags.items() if v is not None})
     if args.prompt:
@@ -134,7 +135,14 @@ def wait_with_bar(client: FarmClient, job_id: str, timeout: float | None = None)
 
 def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     client = FarmClient(_api_url(config))
-    job = client.submit(spec_from_args(args, config))
+    spec = spec_from_args(args, config)
+    if args.init_image:  # img2img: the picture is uploaded first, the job names its hash
+        try:
+            data = Path(args.init_image).read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"farm submit: --init-image {args.init_image}: {exc}") from None
+        spec["init_image"] = client.upload_input(data)["init_image"]
+    job = client.submit(spec)
     print(f"job {job['id']}: {job['total']} images in {job['tasks']} tasks, seed {job['seed']}")
     if args.wait:
         job = wait_with_bar(client, job["id"])
@@ -388,6 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tag", action="append")
     sp.add_argument(
         "--lora", action="append", metavar="NAME[:WEIGHT]", help="a registered LoRA (repeatable)"
+    )
+    sp.add_argument(
+        "--init-image",
+        metavar="FILE",
+        help="img2img: start every image from this PNG, JPEG or WebP (uploaded first)",
+    )
+    sp.add_argument(
+        "--denoising-strength",
+        type=float,
+        metavar="S",
+        help="img2img: how much of the picture is renewed, above 0 and at most 1 (0.75)",
     )
     sp.add_argument("--wait", action="store_true", help="show a progress bar until it ends")
 

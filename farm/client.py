@@ -33,11 +33,19 @@ class FarmClient:
         self.base = base_url.rstrip("/")
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        """``body`` sent as JSON, or ``raw`` bytes as ``content_type``."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method=method)
         if data is not None:
-            req.add_header("Content-Type", "application/json")
+            req.add_header("Content-Type", content_type)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read() or b"null")
@@ -51,6 +59,11 @@ class FarmClient:
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/v1/jobs", spec)
+
+    def upload_input(self, data: bytes) -> dict[str, Any]:
+        """Store a picture (PNG, JPEG or WebP file bytes) for img2img: ``{"init_image":
+        sha256, "width", "height"}``, the sha256 for a job's ``init_image``."""
+        return self.request("POST", "/v1/inputs", raw=data, content_type="application/octet-stream")
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}")

@@ -23,7 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from farm.config import Config
 from workers.engine.names import SAMPLERS, SCHEDULES
@@ -40,7 +47,10 @@ SWEEPABLE = (
     "cfg_scale",
     "sampler_name",
     "scheduler",
+    "denoising_strength",
 )
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -126,6 +136,14 @@ def _check_schedule(v: Any) -> str:
     return v
 
 
+def _check_strength(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError("must be a number")
+    if not 0.0 < v <= 1.0:
+        raise ValueError("must be above 0 and at most 1")
+    return float(v)
+
+
 CHECKS = {
     "model": _check_model,
     "negative_prompt": _check_text,
@@ -135,6 +153,7 @@ CHECKS = {
     "cfg_scale": _check_cfg,
     "sampler_name": _check_sampler,
     "scheduler": _check_schedule,
+    "denoising_strength": _check_strength,
 }
 
 
@@ -177,6 +196,16 @@ class JobSpec(BaseModel):
     cfg_scale: float = 7.0
     sampler_name: str = "Euler a"
     scheduler: str = "Automatic"
+    init_image: str = Field(
+        "",
+        description="img2img: the sha256 that POST /v1/inputs answered; every image starts "
+        "from that picture (resized to width x height) instead of pure noise",
+    )
+    denoising_strength: float = Field(
+        DEFAULT_DENOISING_STRENGTH,
+        description="img2img: how much of the picture is renewed, above 0 and at most 1 "
+        "(1: all of it); only with init_image",
+    )
     batch_size: int | None = Field(None, description="images per task; default from config")
     priority: int = Field(50, description="0 (lowest) to 100 (highest)")
     sweep: dict[str, list[Any]] = Field(
@@ -285,9 +314,11 @@ class JobSpec(BaseModel):
 
     @field_validator("sweep")
     @classmethod
-    def _sweep(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    def _sweep(cls, v: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
         for name, values in v.items():
+            if name == "denoising_strength" and info.data.get("init_image") == "":
+                raise ValueError(f"{name}: only with init_image (img2img)")
             if name not in CHECKS:
                 raise ValueError(f"{name!r} cannot be swept; allowed: {', '.join(SWEEPABLE)}")
             if not values:
@@ -313,6 +344,23 @@ class JobSpec(BaseModel):
             if lora.name in seen:
                 raise ValueError(f"item {i}: {lora.name!r} is listed twice; list it once")
             seen.add(lora.name)
+        return v
+
+    @field_validator("init_image")
+    @classmethod
+    def _init_image(cls, v: str) -> str:
+        if v and not _SHA256_RE.fullmatch(v):
+            raise ValueError(
+                "must be the sha256 (64 lowercase hex digits) that POST /v1/inputs answered"
+            )
+        return v
+
+    @field_validator("denoising_strength")
+    @classmethod
+    def _strength(cls, v: float, info: ValidationInfo) -> float:
+        v = _check_strength(v)
+        if info.data.get("init_image") == "" and v != DEFAULT_DENOISING_STRENGTH:
+            raise ValueError("only with init_image (img2img: POST the picture to /v1/inputs)")
         return v
 
     @field_validator("output_prefix")
@@ -374,6 +422,8 @@ class ImageParams:
     sampler_name: str
     scheduler: str
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight), the job's, in its order
+    init_image: str = ""  # img2img: the job's input picture (sha256 of inputs/<sha>.png)
+    denoising_strength: float = DEFAULT_DENOISING_STRENGTH
 
 
 @dataclass(frozen=True)
@@ -432,6 +482,7 @@ class Plan:
             "cfg_scale": s.cfg_scale,
             "sampler_name": s.sampler_name,
             "scheduler": s.scheduler,
+            "denoising_strength": s.denoising_strength,
         }
         base.update(self.cell_values(cell))
         return base
@@ -502,6 +553,7 @@ class Plan:
             prompt=self.spec.prompts[prompt_index],
             seed=self.spec.seed + repeat,
             loras=self._loras,
+            init_image=self.spec.init_image,
             **self.cell_settings(cell),
         )
 

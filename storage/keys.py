@@ -25,3 +25,10 @@ def model_key(sha256: str) -> str:
     if not _SHA256.fullmatch(sha256):
         raise ValueError(f"invalid sha256 {sha256!r}: must be 64 lowercase hex characters")
     return f"models/sha256/{sha256}.safetensors"
+
+
+def input_key(sha256: str) -> str:
+    """``inputs/<sha>.png``: an input picture (img2img), the sha256 of the PNG's bytes."""
+    if not _SHA256.fullmatch(sha256):
+        raise ValueError(f"invalid sha256 {sha256!r}: must be 64 lowercase hex characters")
+    return f"inputs/{sha256}.png"

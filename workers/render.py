@@ -6,17 +6,22 @@ PNG keys are deterministic, and the ledger counts an image only when its bit fli
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
+
+from PIL import Image
 
 from farm.celery_app import RenderMessage
 from farm.jobs import error_text
 from farm.spec import ImageParams
-from storage.base import StorageError
-from storage.keys import image_key
+from storage.base import ObjectNotFound, StorageError
+from storage.keys import image_key, input_key
 from storage.png import encode_png, format_parameters
 from workers.engine.base import BatchRequest, EngineError, ImageRequest, LoraError, LoraRequest
 from workers.runtime import REDIS_AWAY, Runtime
@@ -58,6 +63,57 @@ def put_waiting(
             if deadline:
                 log.warning("storage took %s again", what)
             return
+
+
+class InputPictures:
+    """Input pictures (img2img) by sha256, decoded, the ``most`` used last kept in memory:
+    a picture is fetched from the store once, not once per task. Content-addressed, so
+    one cache serves every store and job; what is fetched is checked against its hash."""
+
+    def __init__(self, most: int = 4) -> None:
+        self.most = most
+        self._pictures: OrderedDict[str, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sha: str, fetch: Callable[[str], bytes]) -> Image.Image:
+        """The picture ``sha`` (RGB), ``fetch(key)`` reading its PNG when it is not kept;
+        EngineError naming the input if it is missing or not what its hash says."""
+        with self._lock:
+            picture = self._pictures.get(sha)
+            if picture is not None:
+                self._pictures.move_to_end(sha)
+                return picture
+        key = input_key(sha)
+        try:
+            data = fetch(key)
+        except ObjectNotFound:
+            raise EngineError(
+                f"init_image {sha}: no input picture {key} in the store (upload it again "
+                "with POST /v1/inputs)"
+            ) from None
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise EngineError(f"init_image {sha}: the stored {key} does not have that sha256")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                picture = im.convert("RGB")
+        except Exception as exc:
+            raise EngineError(f"init_image {sha}: {key} does not decode: {exc}") from None
+        with self._lock:
+            self._pictures[sha] = picture
+            while len(self._pictures) > self.most:
+                self._pictures.popitem(last=False)
+        return picture
+
+
+INPUTS = InputPictures()
+
+
+def fit_picture(picture: Image.Image, width: int, height: int) -> Image.Image:
+    """A1111's "Just resize" (resize_mode 0): the picture stretched to exactly width x
+    height with Lanczos, whatever its aspect ratio."""
+    if picture.size == (width, height):
+        return picture
+    return picture.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def run_render(rt: Runtime, msg: RenderMessage, again: bool = False) -> dict[str, Any]:
@@ -114,7 +170,19 @@ def _render_images(
     indices = [p.index for p in images]
     stage = "load"
     try:
+        init_image = None
+        if first.init_image:
+            stage = "input"  # recorded as a load, but not the model's fault
+            init_image = _input_picture(rt, first)
+            stage = "load"
         engine = rt.engine_for(first.model)
+        if init_image is not None and not getattr(engine, "takes_init_image", False):
+            stage = "input"
+            family = getattr(engine, "family", type(engine).__name__)
+            raise EngineError(
+                f"init_image: model {first.model!r} ({family}) cannot start from a picture "
+                "(img2img)"
+            )
         loras: tuple[LoraRequest, ...] = ()
         lora_hashes: dict[str, str] = {}
         if first.loras:
@@ -130,6 +198,8 @@ def _render_images(
             sampler_name=first.sampler_name,
             scheduler=first.scheduler,
             loras=loras,
+            init_image=init_image,
+            denoising_strength=first.denoising_strength,
         )
         t0 = time.perf_counter()
         with rt.watchdog.stage(f"rendering task {rt.current_task}", first.model) as tick:
@@ -143,6 +213,8 @@ def _render_images(
         model_hash = sha[:10] or None
         stage = "store"
         extra: dict[str, Any] = {}
+        if first.init_image:  # A1111's place for it: after the model, before the LoRAs
+            extra["Denoising strength"] = first.denoising_strength
         if first.loras:  # as A1111 writes them: the tags in the prompt, the files' hashes
             extra["Lora hashes"] = ", ".join(f"{n}: {lora_hashes[n][:12]}" for n, _ in first.loras)
         for p, picture in zip(images, pictures, strict=True):
@@ -176,7 +248,7 @@ def _render_images(
             job_id,
             task_no,
             indices,
-            stage="load" if stage == "lora" else stage,
+            stage="load" if stage in ("lora", "input") else stage,
             error=error_text(exc),
             worker=rt.name,
             model=first.model,
@@ -185,11 +257,26 @@ def _render_images(
         rt.ledger.mark(job_id, indices, ok=False)
         # storage that takes no images, or a LoRA that does not load, is not the model's
         # fault: the worker stays on the model for other jobs
-        if stage != "lora" and not (stage == "store" and isinstance(exc, StorageError)):
+        if stage not in ("lora", "input") and not (
+            stage == "store" and isinstance(exc, StorageError)
+        ):
             rt.record_failure(first.model)
         raise
     rt.ledger.mark(job_id, indices, ok=True)
     rt.stats.images += len(indices)
+
+
+def _input_picture(rt: Runtime, first: ImageParams) -> Image.Image:
+    """The job's input picture at the task's size, fetched into ``INPUTS`` once (waiting,
+    as for a store of images, while the store is away)."""
+    got: list[Image.Image] = []
+
+    def fetch() -> None:
+        got.append(INPUTS.get(first.init_image, rt.store.get_bytes))
+
+    with rt.watchdog.stage(f"fetching the input picture of task {rt.current_task}"):
+        put_waiting(fetch, rt.config.storage_wait, rt.stopping, f"input {first.init_image}")
+    return fit_picture(got[-1], first.width, first.height)
 
 
 def _load_loras(

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import storage
-from farm.api import dashboard, errors, metrics, sdapi
+from farm.api import dashboard, errors, inputs, metrics, sdapi
 from farm.api.errors import FieldError, SafeJSONResponse, check_encodable
 from farm.api.schemas import (
     BODY_ERRORS,
@@ -262,6 +262,7 @@ def create_app(
         check_encodable(spec.model_dump())
         farm.check_output_prefix(spec)
         farm.check_models(spec)
+        inputs.check_init_image(farm, spec)  # img2img: the picture is stored
         job = farm.ledger.create(spec, config.default_batch_size)
         return SafeJSONResponse(farm.detail(job), status_code=201)
 
@@ -450,6 +451,7 @@ def create_app(
     metrics.install(app, farm)  # /metrics: Prometheus text read from Redis per scrape
     app.include_router(dashboard.router)  # /dashboard: the job dashboard page
     app.include_router(sdapi.router(farm))  # /sdapi/v1/...: the A1111-compatible API
+    app.include_router(inputs.router(farm))  # /v1/inputs: input pictures for img2img
     return app
 
 

@@ -11,6 +11,14 @@ accepted. A field A1111 does not have is refused too: the farm cannot tell wheth
 would have changed the picture. ``<lora:name:weight>`` tags in the prompt become the job's
 ``loras`` and leave the prompt the model reads, as in A1111.
 
+``POST /sdapi/v1/img2img`` is the same with A1111's img2img body: ``init_images`` holds the
+picture (base64, a ``data:`` URL too; several only if they are all the same picture), which
+is checked and stored as ``POST /v1/inputs`` stores one and becomes the job's
+``init_image``, with ``denoising_strength`` (default 0.75). Only ``resize_mode`` 0 ("Just
+resize") is rendered; a ``mask`` (inpainting), an inpainting setting other than A1111's
+default or a noise multiplier other than 1 is refused with a 422 naming it. The answer's
+``parameters`` echo ``init_images`` and ``mask`` as null unless ``include_init_images``.
+
 The wait holds no thread: the endpoint is async and reads the job's state (one HGET in
 the threadpool) 0.05 s after submitting, then ever less often, at most 0.5 s apart. It
 ends after ``FARM_SDAPI_TIMEOUT`` seconds with a 504 naming the job, or when the client
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
 import math
 import re
@@ -37,6 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 import storage
+from farm.api import inputs
 from farm.api.errors import (
     FieldError,
     SafeJSONResponse,
@@ -47,7 +57,7 @@ from farm.api.errors import (
 from farm.api.schemas import BODY_ERRORS, ERRORS, ErrorBody
 from farm.jobs import TERMINAL, JobNotFound, JobRecord
 from farm.models import LORA, LORA_ENGINES, ModelEntry, ModelRegistry, no_loras
-from farm.spec import JobSpec, Plan
+from farm.spec import DEFAULT_DENOISING_STRENGTH, JobSpec, Plan
 from storage.keys import image_key
 from storage.png import read_parameters
 from workers.engine.names import DEFAULT_SCHEDULE, SAMPLERS, SCHEDULES
@@ -59,6 +69,7 @@ FIRST_POLL_S = 0.05  # the first look at the job's state after submitting ...
 LAST_POLL_S = 0.5  # ... then each pause 1.5x the one before, up to this
 MODEL_FIELD = "override_settings.sd_model_checkpoint"
 TAG = "sdapi"  # every job submitted here carries this tag
+MAX_INIT_IMAGES = 64  # img2img's init_images (all the same picture)
 
 # A1111's other names of the engine's samplers, and of its schedules: (default_rho,
 # need_inner_model) as A1111's /sdapi/v1/schedulers tells them
@@ -89,8 +100,8 @@ _TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9A-Fa-f]{1,64})\]$")
 _HASH = re.compile(r"[0-9a-f]{8,64}")
 
 
-class Txt2ImgRequest(BaseModel):
-    """A1111's ``StableDiffusionTxt2ImgProcessingAPI``: its fields and defaults, each
+class SdapiRequest(BaseModel):
+    """The fields A1111's txt2img and img2img requests share, with their defaults, each
     nullable (null means the default, as there)."""
 
     model_config = ConfigDict(
@@ -137,8 +148,23 @@ class Txt2ImgRequest(BaseModel):
     refiner_checkpoint: str | None = Field(None, description="refused if set")
     refiner_switch_at: float | None = None
     disable_extra_networks: bool | None = False
-    firstpass_image: str | None = Field(None, description="refused if set")
     comments: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    script_name: str | None = Field(None, description="refused if set")
+    script_args: list[Any] | None = Field(default_factory=list)
+    send_images: bool | None = Field(True, description="false: answer without the images")
+    save_images: bool | None = Field(False, description="the farm stores every image anyway")
+    alwayson_scripts: dict[str, Any] | None = Field(
+        default_factory=dict, description="refused unless empty"
+    )
+    infotext: str | None = Field(None, description="refused if set: send the fields")
+
+
+class Txt2ImgRequest(SdapiRequest):
+    """A1111's ``StableDiffusionTxt2ImgProcessingAPI``: its fields and defaults, each
+    nullable (null means the default, as there)."""
+
+    firstpass_image: str | None = Field(None, description="refused if set")
     enable_hr: bool | None = Field(False, description="refused if true (no hires fix)")
     firstphase_width: int | None = 0
     firstphase_height: int | None = 0
@@ -152,21 +178,59 @@ class Txt2ImgRequest(BaseModel):
     hr_scheduler: str | None = None
     hr_prompt: str | None = ""
     hr_negative_prompt: str | None = ""
-    force_task_id: str | None = None
-    script_name: str | None = Field(None, description="refused if set")
-    script_args: list[Any] | None = Field(default_factory=list)
-    send_images: bool | None = Field(True, description="false: answer without the images")
-    save_images: bool | None = Field(False, description="the farm stores every image anyway")
-    alwayson_scripts: dict[str, Any] | None = Field(
-        default_factory=dict, description="refused unless empty"
+
+
+class Img2ImgRequest(SdapiRequest):
+    """A1111's ``StableDiffusionImg2ImgProcessingAPI``: its fields and defaults, each
+    nullable (null means the default, as there). No inpainting: a mask is refused."""
+
+    init_images: list[str] | None = Field(
+        None,
+        description="the picture to start from, base64 PNG, JPEG or WebP (a data: URL too); "
+        "one picture (several only if all are the same)",
     )
-    infotext: str | None = Field(None, description="refused if set: send the fields")
+    resize_mode: int | None = Field(0, description="0 (Just resize) only")
+    denoising_strength: float | None = Field(0.75, description="above 0, at most 1")
+    image_cfg_scale: float | None = None
+    mask: str | None = Field(None, description="refused if set (no inpainting)")
+    mask_blur_x: int | None = 4
+    mask_blur_y: int | None = 4
+    mask_blur: int | None = None
+    mask_round: bool | None = True
+    inpainting_fill: int | None = 0
+    inpaint_full_res: bool | None = True
+    inpaint_full_res_padding: int | None = 0
+    inpainting_mask_invert: int | None = 0
+    initial_noise_multiplier: float | None = Field(None, description="refused unless 1")
+    latent_mask: str | None = Field(None, description="refused if set (no inpainting)")
+    include_init_images: bool | None = Field(
+        False, description="true: the answer's parameters echo init_images"
+    )
+
+
+# A1111's img2img fields that only act with a mask (inpainting), with their defaults: any
+# other value asks for inpainting, which the farm does not do
+INPAINTING_DEFAULTS: dict[str, Any] = {
+    "mask_blur_x": 4,
+    "mask_blur_y": 4,
+    "mask_blur": None,
+    "mask_round": True,
+    "inpainting_fill": 0,
+    "inpaint_full_res": True,
+    "inpaint_full_res_padding": 0,
+    "inpainting_mask_invert": 0,
+}
+_DATA_URL = re.compile(r"^data:[^,;]*(;[^,;]*)*;base64,", re.IGNORECASE)
 
 
 class TextToImageResponse(BaseModel):
     images: list[str] = Field(description="the PNGs in base64, in seed order")
     parameters: dict[str, Any] = Field(description="the request, with A1111's defaults")
     info: str = Field(description="JSON: seed, all_seeds, all_prompts, infotexts, job_id, ...")
+
+
+class ImageToImageResponse(TextToImageResponse):
+    pass
 
 
 class SDModelItem(BaseModel):
@@ -287,7 +351,7 @@ def _schedule(name: str) -> str | None:
     return None
 
 
-def sampler_and_schedule(body: Txt2ImgRequest, bad: Callable[[str, str], None]) -> tuple[str, str]:
+def sampler_and_schedule(body: SdapiRequest, bad: Callable[[str, str], None]) -> tuple[str, str]:
     """The sampler and schedule to render with, as A1111 >= 1.9 reads them: the sampler
     from ``sampler_name`` (else ``sampler_index``), whose name may end in a schedule as
     before 1.9 (``DPM++ 2M Karras``); the schedule from ``scheduler`` (none: Automatic).
@@ -359,16 +423,19 @@ def check_options(options: dict[str, Any], prefix: str, bad: Callable[[str, str]
             bad(f"{prefix}{key}", f"the farm renders with {shown} only")
 
 
-def refusals(body: Txt2ImgRequest, sampler: str, bad: Callable[[str, str], None]) -> None:
+def refusals(body: SdapiRequest, sampler: str, bad: Callable[[str, str], None]) -> None:
     """Report every field set to something the farm cannot render (A1111 would change the
     picture for it). Fields that change nothing (the hires fields while enable_hr is
     false, save_images, comments, ...) pass."""
     width, height = body.width or 512, body.height or 512
-    if body.enable_hr:
-        bad("enable_hr", "hires fix is not available on the farm; ask for the final width/height")
-    for name in ("firstphase_width", "firstphase_height"):
-        if getattr(body, name):
-            bad(name, "a first pass size (the old hires fix) is not available on the farm")
+    if isinstance(body, Txt2ImgRequest):
+        if body.enable_hr:
+            bad("enable_hr", "hires fix is not available on the farm; ask for the final size")
+        for name in ("firstphase_width", "firstphase_height"):
+            if getattr(body, name):
+                bad(name, "a first pass size (the old hires fix) is not available on the farm")
+        if body.firstpass_image:
+            bad("firstpass_image", "a given first pass image is not available on the farm")
     if body.restore_faces:
         bad("restore_faces", "face restoration is not available on the farm")
     if body.tiling:
@@ -387,8 +454,6 @@ def refusals(body: Txt2ImgRequest, sampler: str, bad: Callable[[str, str], None]
         bad(f"alwayson_scripts.{name}", "extension scripts are not available on the farm")
     if body.refiner_checkpoint not in (None, "", "None", "none"):
         bad("refiner_checkpoint", "a refiner pass is not available on the farm")
-    if body.firstpass_image:
-        bad("firstpass_image", "a given first pass image is not available on the farm")
     if body.infotext:
         bad("infotext", "not read here: send its values as the request's fields")
     if m := _OTHER_NETWORK.search(body.prompt or ""):
@@ -441,16 +506,91 @@ def prompt_loras(prompt: str, bad: Callable[[str, str], None]) -> tuple[str, lis
     return _LORA_TAG.sub("", prompt), loras
 
 
-def to_spec(farm: Farm, body: Txt2ImgRequest) -> tuple[JobSpec, ModelEntry]:
-    """The farm job an A1111 txt2img request asks for, or Refused with every problem."""
+def _base64(text: str, field: str, bad: Callable[[str, str], None]) -> bytes | None:
+    """The bytes of a base64 picture (a data: URL too, as A1111 takes), or None with the
+    problem reported."""
+    text = text.strip()
+    if text.lower().startswith(("http://", "https://")):
+        bad(field, "the farm fetches no URLs: send the picture itself in base64")
+        return None
+    text = _DATA_URL.sub("", text, count=1)
+    try:
+        return base64.b64decode(text)
+    except (binascii.Error, ValueError) as exc:
+        bad(field, f"not base64: {exc}")
+        return None
+
+
+def init_picture(body: Img2ImgRequest, bad: Callable[[str, str], None]) -> tuple[str, bytes] | None:
+    """The picture an img2img request starts from, as stored (``inputs.prepare``): its
+    sha256 and PNG, or None with the problems reported. Several ``init_images`` are fine
+    only when they are all the same picture (the farm starts every image from one)."""
+    images = body.init_images or []
+    if not images:
+        bad("init_images", "give the picture to start from: a list of one base64 PNG, JPEG "
+            "or WebP")  # fmt: skip
+        return None
+    if len(images) > MAX_INIT_IMAGES:
+        bad("init_images", f"{len(images)} pictures; at most {MAX_INIT_IMAGES} (all the same)")
+        return None
+    found: dict[str, bytes] = {}
+    seen: set[str] = set()
+    ok = True
+    for i, text in enumerate(images):
+        if text in seen:
+            continue
+        seen.add(text)
+        field = f"init_images[{i}]"
+        data = _base64(text, field, bad) if isinstance(text, str) else None
+        if data is None:
+            ok = False
+            continue
+        try:
+            sha, png, _size = inputs.prepare(data, field)
+        except FieldError as exc:
+            bad(exc.field, exc.msg)
+            ok = False
+            continue
+        found.setdefault(sha, png)
+    if len(found) > 1:
+        bad("init_images", f"{len(found)} different pictures; the farm renders a request from "
+            "one picture (send one, or the same one each time)")  # fmt: skip
+        return None
+    if not ok or not found:
+        return None
+    return next(iter(found.items()))
+
+
+def img2img_refusals(body: Img2ImgRequest, bad: Callable[[str, str], None]) -> None:
+    """The img2img fields set to something the farm cannot render: another resize mode,
+    a mask or any inpainting setting other than A1111's default, a noise multiplier."""
+    if body.resize_mode not in (None, 0):
+        bad("resize_mode", "only 0 (Just resize: the picture stretched to width x height) is "
+            "available on the farm")  # fmt: skip
+    for name in ("mask", "latent_mask"):
+        if getattr(body, name):
+            bad(name, "inpainting is not available on the farm; send no mask")
+    for name, default in INPAINTING_DEFAULTS.items():
+        value = getattr(body, name)
+        if value is not None and value != default:
+            bad(name, f"inpainting is not available on the farm; send {json.dumps(default)} "
+                "or nothing (the field acts only with a mask)")  # fmt: skip
+    if body.initial_noise_multiplier not in (None, 1.0):
+        bad("initial_noise_multiplier", "the farm renders with 1 (the A1111 default)")
+
+
+def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
+    """The farm job an A1111 txt2img or img2img request asks for, or Refused with every
+    problem. An img2img request's picture is stored (``inputs``) once nothing is wrong."""
     problems: list[dict[str, str]] = []
+    what = "img2img" if isinstance(body, Img2ImgRequest) else "txt2img"
 
     def bad(field: str, msg: str) -> None:
         if all(p["field"] != field for p in problems):
             problems.append({"field": field, "msg": msg})
 
     for key in body.model_extra or {}:
-        bad(key, "not a field of A1111's txt2img, so what it would change is unknown; remove it")
+        bad(key, f"not a field of A1111's {what}, so what it would change is unknown; remove it")
     raw = body.model_dump(exclude=set(body.model_extra or {}))
     try:
         check_encodable(raw)
@@ -487,6 +627,21 @@ def to_spec(farm: Farm, body: Txt2ImgRequest) -> tuple[JobSpec, ModelEntry]:
         loras = []  # A1111 takes the tags out of the prompt and applies none
     if loras and entry is not None and entry.engine not in LORA_ENGINES:
         bad("prompt", no_loras(entry))
+    picture: tuple[str, bytes] | None = None
+    img2img: dict[str, Any] = {}
+    if isinstance(body, Img2ImgRequest):
+        img2img_refusals(body, bad)
+        picture = init_picture(body, bad)
+        if entry is not None and entry.engine not in inputs.IMG2IMG_ENGINES:
+            engines = " or ".join(inputs.IMG2IMG_ENGINES)
+            bad(MODEL_FIELD, f"model {entry.name!r} ({entry.engine}) cannot start from a "
+                f"picture; img2img goes with {engines} models")  # fmt: skip
+        strength = body.denoising_strength
+        img2img = {
+            # a stand-in while the picture is refused, so that the rest is still checked
+            "init_image": picture[0] if picture else "0" * 64,
+            "denoising_strength": DEFAULT_DENOISING_STRENGTH if strength is None else strength,
+        }
     fields = {
         "model": entry.name if entry else "synthetic",
         "prompt": prompt,
@@ -502,6 +657,7 @@ def to_spec(farm: Farm, body: Txt2ImgRequest) -> tuple[JobSpec, ModelEntry]:
         "scheduler": schedule,
         "batch_size": max(1, batch),
         "tags": [TAG],
+        **img2img,
     }
     spec: JobSpec | None = None
     try:
@@ -526,7 +682,9 @@ def to_spec(farm: Farm, body: Txt2ImgRequest) -> tuple[JobSpec, ModelEntry]:
         except FieldError as exc:
             bad(exc.field, exc.msg)
     if problems or spec is None or entry is None:
-        raise Refused(problems or [{"field": "body", "msg": "not a valid txt2img request"}])
+        raise Refused(problems or [{"field": "body", "msg": f"not a valid {what} request"}])
+    if picture is not None:
+        inputs.put_input(farm.store(), *picture)
     return spec, entry
 
 
@@ -573,8 +731,8 @@ def read_images(farm: Farm, job: JobRecord) -> list[bytes]:
     return out
 
 
-def answer(body: Txt2ImgRequest, job: JobRecord, entry: ModelEntry, pngs: list[bytes]) -> Response:
-    """A1111's TextToImageResponse for a job that is done."""
+def answer(body: SdapiRequest, job: JobRecord, entry: ModelEntry, pngs: list[bytes]) -> Response:
+    """A1111's TextToImageResponse (or ImageToImageResponse) for a job that is done."""
     spec, n = job.spec, len(pngs)
     seeds = [spec.seed + i for i in range(n)]
     subseed = -1 if body.subseed is None else body.subseed
@@ -604,8 +762,13 @@ def answer(body: Txt2ImgRequest, job: JobRecord, entry: ModelEntry, pngs: list[b
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": body.denoising_strength,
-        "extra_generation_params": {"Schedule type": spec.scheduler},
+        "denoising_strength": (
+            spec.denoising_strength if spec.init_image else body.denoising_strength
+        ),
+        "extra_generation_params": {
+            "Schedule type": spec.scheduler,
+            **({"Denoising strength": spec.denoising_strength} if spec.init_image else {}),
+        },
         "index_of_first_image": 0,
         "infotexts": [read_parameters(png) or "" for png in pngs],
         "styles": [],
@@ -619,11 +782,14 @@ def answer(body: Txt2ImgRequest, job: JobRecord, entry: ModelEntry, pngs: list[b
         if body.send_images is not False
         else []
     )
-    content = {"images": images, "parameters": body.model_dump(), "info": json.dumps(info)}
+    parameters = body.model_dump()
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        parameters.update(init_images=None, mask=None)  # as A1111 echoes them
+    content = {"images": images, "parameters": parameters, "info": json.dumps(info)}
     return SafeJSONResponse(content, headers={"X-Farm-Job": job.id})
 
 
-def ended(farm: Farm, body: Txt2ImgRequest, job_id: str, entry: ModelEntry) -> Response:
+def ended(farm: Farm, body: SdapiRequest, job_id: str, entry: ModelEntry) -> Response:
     """The answer for a job that has ended: its images, or why there are none."""
     try:
         job = farm.ledger.get(job_id)
@@ -679,6 +845,19 @@ def router(farm: Farm) -> APIRouter:
         summary="Render like A1111's txt2img: submit a job, wait for it, answer its PNGs",
     )
     async def txt2img(request: Request, body: Txt2ImgRequest) -> Response:
+        return await render(request, body)
+
+    @api.post(
+        "/img2img",
+        response_model=ImageToImageResponse,
+        responses=RESPONSES,
+        summary="Render like A1111's img2img: every image starts from init_images[0]",
+    )
+    async def img2img(request: Request, body: Img2ImgRequest) -> Response:
+        return await render(request, body)
+
+    async def render(request: Request, body: SdapiRequest) -> Response:
+        """Submit the request's job, wait for it, answer its PNGs (txt2img and img2img)."""
         try:
             spec, entry = await run_in_threadpool(to_spec, farm, body)
         except Refused as exc:

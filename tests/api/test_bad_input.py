@@ -61,6 +61,10 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("sampler_name", {"sampler_name": "Heun"}),
     ("sampler_name", {"sampler_name": None}),
     ("scheduler", {"scheduler": "exponential"}),
+    ("init_image", {"init_image": "not-a-hash"}),
+    ("init_image", {"init_image": "cd" * 32}),  # never uploaded
+    ("denoising_strength", {"denoising_strength": 0.5}),  # without init_image
+    ("denoising_strength", {"denoising_strength": NAN}),
     ("batch_size", {"batch_size": 0}),
     ("batch_size", {"batch_size": LIMITS["max_batch_size"] + 1}),
     ("priority", {"priority": -1}),

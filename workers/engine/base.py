@@ -19,6 +19,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "ImageRequest",
+    "img2img_start",
     "LoraError",
     "LoraRequest",
     "Progress",
@@ -65,6 +66,11 @@ class BatchRequest:
     # LoRAs has an ``apply_loras`` method and renders with exactly these (none: the model's
     # own weights)
     loras: tuple[LoraRequest, ...] = ()
+    # img2img: every image starts from this picture (RGB, exactly width x height) noised to
+    # the point ``denoising_strength`` of the schedule says, instead of from pure noise
+    # (A1111's img2img); an engine that can do it has ``takes_init_image = True``
+    init_image: Image.Image | None = None
+    denoising_strength: float = 0.75
 
     def validate(self, multiple: int = 8) -> None:
         """Raise EngineError naming the bad field and the allowed range."""
@@ -77,10 +83,30 @@ class BatchRequest:
             raise EngineError(f"steps: {self.steps} must be >= 1")
         if self.cfg_scale < 0:
             raise EngineError(f"cfg_scale: {self.cfg_scale} must be >= 0")
+        if self.init_image is not None:
+            size = tuple(self.init_image.size)
+            if size != (self.width, self.height):
+                raise EngineError(
+                    f"init_image: {size[0]}x{size[1]}, not the batch's "
+                    f"{self.width}x{self.height} (resize it first)"
+                )
+            if not 0 < self.denoising_strength <= 1:
+                raise EngineError(
+                    f"denoising_strength: {self.denoising_strength} must be above 0, at most 1"
+                )
         try:
             resolve_schedule(self.sampler_name, self.scheduler)
         except ValueError as exc:
             raise EngineError(str(exc)) from None
+
+
+def img2img_start(steps: int, denoising_strength: float) -> int:
+    """Where img2img enters a schedule of ``steps`` steps (``steps + 1`` sigmas, the last
+    0): A1111's ``t_enc = int(min(strength, 0.999) * steps)`` steps are left, so sampling
+    runs over ``sigmas[steps - t_enc - 1:]``, ``t_enc + 1`` steps (all of them at 1, one at
+    the smallest strengths)."""
+    t_enc = int(min(denoising_strength, 0.999) * steps)
+    return steps - t_enc - 1
 
 
 class Engine(Protocol):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, LoraRequest, Progress
+from workers.engine.base import BatchRequest, EngineError, LoraRequest, Progress, img2img_start
 from workers.engine.lora import MergedLoras, module_index
 from workers.engine.names import resolve_schedule
 from workers.engine.prompts import MAX_TOKENS, TokenChunk, prompt_chunks
@@ -55,6 +55,19 @@ def emphasize(hidden: Tensor, weights: Tensor) -> Tensor:
     out = hidden.clone()
     out[rows] = z.to(hidden.dtype)
     return out
+
+
+def picture_tensor(image: Image.Image) -> Tensor:
+    """An RGB picture as the VAE reads it: (1, 3, height, width), float32 in [-1, 1]."""
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def img2img_sigmas(sigmas: Tensor, denoising_strength: float) -> Tensor:
+    """A1111's img2img schedule: the full schedule's tail from ``img2img_start``."""
+    return sigmas[img2img_start(len(sigmas) - 1, denoising_strength):]
 
 
 def run_sampler(name: str, model: Any, x: Tensor, sigmas: Tensor,
@@ -217,6 +230,7 @@ class SD1Engine:
     timesteps (A1111's "Enable quantization in K samplers"); off by default as in A1111."""
 
     family = "sd1"
+    takes_init_image = True  # img2img: BatchRequest.init_image
 
     def __init__(self, components: SD1Components, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, quantize: bool = False) -> None:
@@ -355,19 +369,44 @@ class SD1Engine:
                                    prediction_type=self.prediction_type)
 
     @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> Tensor:
+        """img2img's x0: the VAE's latent of a picture (1, channels, h/8, w/8), float32,
+        times the scaling factor. The mean of the VAE's latent distribution, not a draw
+        from it (A1111 draws, from the global RNG), so an image depends on its seed only
+        through its noise and is the same in any batch."""
+        pixels = picture_tensor(image).to(self.device, self.dtype)
+        latent = self.vae.encode(pixels).latent_dist.mean.float()
+        return latent * self.vae.config.scaling_factor
+
+    def initial_x(self, batch: BatchRequest, noise: Tensor, sigmas: Tensor) -> Tensor:
+        """x at ``sigmas[0]``: the noise times it, or img2img's encoded picture plus that
+        (A1111's ``x = init_latent + noise * sigma_sched[0]``)."""
+        noise = noise.to(self.device)
+        if batch.init_image is None:
+            return noise * sigmas[0]
+        return self.encode_image(batch.init_image) + noise * sigmas[0]
+
+    def schedule(self, batch: BatchRequest) -> Tensor:
+        """The sigmas a batch samples over: all of them, or img2img's tail."""
+        sigmas = self.sigmas(batch)
+        if batch.init_image is None:
+            return sigmas
+        return img2img_sigmas(sigmas, batch.denoising_strength)
+
+    @torch.no_grad()
     def sample_latents(self, batch: BatchRequest, initial_latents: Tensor | None = None,
                        progress: Progress | None = None) -> Tensor:
         """Final latents before VAE decoding. ``initial_latents`` (x at the first sigma,
-        already scaled) replaces the seeded initial noise; ancestral noise stays seeded.
-        ``progress`` is called after every UNet evaluation."""
+        already scaled) replaces the seeded initial noise (or img2img's noised picture);
+        ancestral noise stays seeded. ``progress`` is called after every UNet evaluation."""
         batch.validate()
         self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
         # the sampler's arithmetic runs in float32 whatever the UNet's dtype
-        sigmas = self.sigmas(batch).to(self.device)
-        x = noise.to(self.device) * sigmas[0] if initial_latents is None else initial_latents
+        sigmas = self.schedule(batch).to(self.device)
+        x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents
         x = x.to(self.device, torch.float32)
         # a prompt (or negative prompt) over 75 tokens takes more chunks of context. Images
         # are sampled in groups of one chunk count, so an image's context, and so the image,

@@ -48,7 +48,9 @@ from workers.engine.sd1 import (
     _load_into,
     chunk_weights,
     emphasize,
+    img2img_sigmas,
     load_tokenizer,
+    picture_tensor,
     run_sampler,
 )
 from workers.engine.sd1 import import_libraries as sd1_libraries
@@ -239,6 +241,7 @@ class SDXLEngine:
     (height, width) for prompt and negative prompt alike."""
 
     family = "sdxl"
+    takes_init_image = True  # img2img: BatchRequest.init_image
 
     def __init__(
         self,
@@ -462,6 +465,28 @@ class SDXLEngine:
         )
 
     @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> Tensor:
+        """img2img's x0 as SD1's (``SD1Engine.encode_image``: the latent distribution's
+        mean times the scaling factor), the VAE in float32 as for decoding."""
+        pixels = picture_tensor(image).to(self.device, torch.float32)
+        latent = self.vae.encode(pixels).latent_dist.mean.float()
+        return latent * self.vae.config.scaling_factor
+
+    def initial_x(self, batch: BatchRequest, noise: Tensor, sigmas: Tensor) -> Tensor:
+        """x at ``sigmas[0]``: the noise times it, or the encoded picture plus that."""
+        noise = noise.to(self.device)
+        if batch.init_image is None:
+            return noise * sigmas[0]
+        return self.encode_image(batch.init_image) + noise * sigmas[0]
+
+    def schedule(self, batch: BatchRequest) -> Tensor:
+        """The sigmas a batch samples over: all of them, or img2img's tail."""
+        sigmas = self.sigmas(batch)
+        if batch.init_image is None:
+            return sigmas
+        return img2img_sigmas(sigmas, batch.denoising_strength)
+
+    @torch.no_grad()
     def sample_latents(
         self,
         batch: BatchRequest,
@@ -469,15 +494,15 @@ class SDXLEngine:
         progress: Progress | None = None,
     ) -> Tensor:
         """Final latents before VAE decoding. ``initial_latents`` (x at the first sigma,
-        already scaled) replaces the seeded initial noise; ancestral noise stays seeded.
-        ``progress`` is called after every UNet evaluation."""
+        already scaled) replaces the seeded initial noise (or img2img's noised picture);
+        ancestral noise stays seeded. ``progress`` is called after every UNet evaluation."""
         batch.validate()
         self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        sigmas = self.sigmas(batch).to(self.device)  # sampler arithmetic in float32
-        x = noise.to(self.device) * sigmas[0] if initial_latents is None else initial_latents
+        sigmas = self.schedule(batch).to(self.device)  # sampler arithmetic in float32
+        x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents
         x = x.to(self.device, torch.float32)
         time_ids = self.time_ids(batch)
         # as in SD1: images are sampled in groups of one chunk count, so that an image never

@@ -1,0 +1,100 @@
+"""img2img end to end on real servers (a Redis-compatible server, S3 over HTTP, a Celery
+worker process, the scheduler): a picture uploaded to ``/v1/inputs`` is fetched by the
+worker from S3 and every image of the job starts from it; the PNGs carry A1111's
+``Denoising strength``; ``/sdapi/v1/img2img`` renders the same images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+
+from farm.api.app import create_app
+from storage.keys import image_key
+from storage.png import parse_parameters, read_parameters
+from tests.cluster import Cluster
+
+pytestmark = pytest.mark.timeout(300)
+
+SPEC = {
+    "model": "tiny",
+    "prompt": "a red circle",
+    "count": 2,
+    "seed": 42,
+    "width": 64,
+    "height": 64,
+    "steps": 3,
+    "cfg_scale": 5.0,
+    "sampler_name": "Euler",
+    "batch_size": 2,
+}
+
+
+@pytest.fixture
+def farm(model_farm: Cluster) -> tuple[Cluster, TestClient]:
+    """The session's farm of one worker (tests/integration/conftest.py), model ``tiny``,
+    and the API."""
+    app = create_app(model_farm.config, redis_client=model_farm.r, store=model_farm.store)
+    return model_farm, TestClient(app)
+
+
+def render(cluster: Cluster, client: TestClient, **kw: object) -> list[bytes]:
+    r = client.post("/v1/jobs", json={**SPEC, **kw})
+    assert r.status_code == 201, r.text
+    job = cluster.wait(r.json()["id"], timeout=120)
+    assert (job.state, job.done, job.failed) == ("done", 2, 0), job.summary()
+    return [
+        cluster.store.get_bytes(image_key("renders", job.id, i, job.plan.image(i).seed))
+        for i in range(job.total)
+    ]
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def test_a_job_with_an_init_image_starts_every_image_from_it(
+    farm: tuple[Cluster, TestClient],
+) -> None:
+    cluster, client = farm
+    picture = Image.new("RGB", (96, 80), (30, 60, 220))  # not the job's size: resized
+    ImageDraw.Draw(picture).ellipse((20, 20, 70, 60), fill=(220, 30, 30))
+    buf = io.BytesIO()
+    picture.save(buf, format="JPEG", quality=95)
+    r = client.post("/v1/inputs", content=buf.getvalue(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 201, r.text
+    sha = r.json()["init_image"]
+
+    started = render(cluster, client, init_image=sha, denoising_strength=0.3)
+    plain = render(cluster, client)
+    for i, (a, b) in enumerate(zip(started, plain, strict=True)):
+        assert Image.open(io.BytesIO(a)).size == (64, 64)
+        assert np.abs(pixels(a) - pixels(b)).mean() > 2, i  # same seed, another start
+        params = parse_parameters(read_parameters(a) or "")
+        assert params["seed"] == 42 + i and params["extra"]["Denoising strength"] == "0.3"
+        assert "Denoising strength" not in parse_parameters(read_parameters(b) or "")["extra"]
+    assert np.abs(pixels(started[0]) - pixels(started[1])).max() > 1  # the seeds still count
+
+    # the same images asked for the A1111 way
+    body = {
+        "init_images": ["data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()],
+        "denoising_strength": 0.3,
+        "prompt": SPEC["prompt"],
+        "batch_size": 2,
+        "override_settings": {"sd_model_checkpoint": "tiny"},
+        **{k: SPEC[k] for k in ("seed", "width", "height", "steps", "cfg_scale", "sampler_name")},
+    }
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    info = json.loads(answer["info"])
+    assert info["denoising_strength"] == 0.3 and info["all_seeds"] == [42, 43]
+    assert answer["parameters"]["init_images"] is None  # as A1111: include_init_images false
+    assert parse_parameters(info["infotexts"][0])["extra"]["Denoising strength"] == "0.3"
+    for png, want in zip(answer["images"], started, strict=False):
+        assert np.abs(pixels(base64.b64decode(png)) - pixels(want)).max() <= 1
