@@ -488,11 +488,8 @@ class Runtime:
 
 
 def _move(engine: Any, device: str) -> Any:
-    """Move an engine's torch modules to ``device`` (no-op for engines without them)."""
-    for attr in ("unet", "vae", "text_encoder"):
-        module = getattr(engine, attr, None)
-        if module is not None and hasattr(module, "to"):
-            setattr(engine, attr, module.to(device))
+    """Move an engine's torch modules to ``device``: setting a TorchEngine's ``device``
+    moves every one of them (no-op for engines without a device)."""
     if hasattr(engine, "device"):
         engine.device = device
     return engine

@@ -414,3 +414,9 @@ def test_t5_embedding_under_both_names_loads(flux_path, flux_engine, tmp_path, t
     t5 = engine.text_encoder_2
     assert t5.encoder.embed_tokens.weight.data_ptr() == t5.shared.weight.data_ptr()
     assert torch.equal(t5.shared.weight, flux_engine.text_encoder_2.shared.weight)
+
+
+def test_every_module_moves_with_the_device(flux_engine):
+    from tests.engine.test_render import torch_modules
+
+    assert set(flux_engine.module_names) == torch_modules(flux_engine)

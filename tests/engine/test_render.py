@@ -178,3 +178,23 @@ def test_progress_is_told_of_every_step_and_changes_no_image(engine):
         plain = engine.render(batch(req, sampler, steps=steps))
         for a, b in zip(images, plain, strict=True):
             assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def torch_modules(engine) -> set[str]:
+    """The attributes of an engine that hold torch modules."""
+    return {k for k, v in vars(engine).items() if isinstance(v, torch.nn.Module)}
+
+
+def test_setting_the_device_moves_every_module_of_the_engine(engine, monkeypatch):
+    """The worker parks an engine in host RAM by setting its device: every module must go."""
+    assert set(engine.module_names) == torch_modules(engine)
+    moved = []
+    for name in engine.module_names:
+        module = getattr(engine, name)
+        monkeypatch.setattr(module, "to", lambda d, name=name: moved.append((name, d)))
+    engine.device = "cuda:7"
+    assert engine.device == "cuda:7" and sorted(moved) == sorted(
+        (n, "cuda:7") for n in engine.module_names
+    )
+    monkeypatch.undo()
+    engine.device = "cpu"

@@ -413,3 +413,9 @@ def test_emphasis_scales_each_encoders_states_and_not_the_pooled_text(sdxl_engin
         expected = z * weights * (z.mean() / (z * weights).mean())
         assert torch.allclose(got[0, :, part], expected, atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_every_module_moves_with_the_device(sdxl_engine):
+    from tests.engine.test_render import torch_modules
+
+    assert set(sdxl_engine.module_names) == torch_modules(sdxl_engine)

@@ -23,6 +23,7 @@ __all__ = [
     "LoraError",
     "LoraRequest",
     "Progress",
+    "TorchEngine",
 ]
 
 Progress = Callable[[], object]  # called once per completed step of a render
@@ -107,6 +108,25 @@ def img2img_start(steps: int, denoising_strength: float) -> int:
     the smallest strengths)."""
     t_enc = int(min(denoising_strength, 0.999) * steps)
     return steps - t_enc - 1
+
+
+class TorchEngine:
+    """An engine whose weights are torch modules, the attributes ``module_names`` names:
+    ``device`` is where they are, and setting it moves every one there (the worker parks
+    an engine in host RAM, and brings it back, by setting it)."""
+
+    module_names: tuple[str, ...] = ()
+    _device: str = "cpu"
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @device.setter
+    def device(self, device: str) -> None:
+        for name in self.module_names:
+            getattr(self, name).to(device)  # a module moves in place
+        self._device = str(device)
 
 
 class Engine(Protocol):

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, Progress
+from workers.engine.base import BatchRequest, EngineError, Progress, TorchEngine
 from workers.engine.loader import read_header
 from workers.engine.sd1 import ENGINE_DIR, _load_into, load_tokenizer, run_sampler
 from workers.engine.sd1 import import_libraries as sd1_libraries
@@ -431,12 +431,13 @@ def flow_sigmas(steps: int, image_seq_len: int, config: Mapping[str, Any]) -> Te
 # ---------------------------------------------------------------- the engine
 
 
-class FluxEngine:
+class FluxEngine(TorchEngine):
     """Renders batches on one Flux.1 model: Euler on the model's shifted flow-matching
     schedule, per-image CPU generators for the initial noise, ``cfg_scale`` as the
     distilled guidance of a dev model (ignored by schnell), negative prompts unused."""
 
     family = "flux"
+    module_names = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
     def __init__(
         self, components: FluxComponents, device: str = "cpu", dtype: torch.dtype = torch.float32
@@ -454,18 +455,6 @@ class FluxEngine:
         self.latent_channels = self.vae.config.latent_channels
         self.max_sequence_length = MAX_SEQUENCE_LENGTH
         self.device = device
-
-    @property
-    def device(self) -> str:
-        return self._device
-
-    @device.setter
-    def device(self, device: str) -> None:
-        """Setting the device moves every module there (the worker parks an engine in host
-        RAM by setting ``device``)."""
-        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
-            module.to(device)
-        self._device = str(device)
 
     @classmethod
     def from_single_file(

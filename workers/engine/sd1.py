@@ -6,7 +6,7 @@ from ``assets/clip_tokenizer/``."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, LoraRequest, Progress, img2img_start
+from workers.engine.base import (
+    BatchRequest,
+    EngineError,
+    LoraRequest,
+    Progress,
+    TorchEngine,
+    img2img_start,
+)
 from workers.engine.lora import MergedLoras, module_index
 from workers.engine.names import resolve_schedule
 from workers.engine.prompts import MAX_TOKENS, TokenChunk, prompt_chunks
@@ -225,19 +232,78 @@ class ContextKVCache:
         return out / attn.rescale_output_factor
 
 
-class SD1Engine:
+class UNetEngine(TorchEngine):
+    """What the SD1 and SDXL engines share: a UNet whose LoRA layers kohya files name by
+    their diffusers or original-layout names, LoRAs merged before each batch, and img2img
+    (``takes_init_image``) from the picture's VAE latent on the tail of the schedule. An
+    engine has ``unet``, ``vae``, ``loras`` (a MergedLoras), ``sigmas(batch)`` and
+    ``encode_image(picture)``."""
+
+    takes_init_image = True  # img2img: BatchRequest.init_image
+    unet: Any
+    loras: MergedLoras
+
+    def unet_lora_names(self) -> Callable[[str], Iterable[str]]:
+        """A UNet module's name -> the names a LoRA file may give it: its diffusers name
+        and its original-layout one (what kohya's trainers write)."""
+        from workers.engine.ldm_export import unet_key
+
+        config = dict(self.unet.config)
+
+        def names(name: str) -> Iterable[str]:
+            try:
+                return (name, unet_key(name + ".weight", config).removesuffix(".weight"))
+            except KeyError:
+                return (name,)
+
+        return names
+
+    def apply_loras(self, loras: Sequence[LoraRequest], progress: Progress | None = None) -> None:
+        """Merge exactly ``loras`` into the weights (nothing to do when they are merged
+        already). LoraError naming a file that cannot be read, fits no layer or is made for
+        another model family."""
+        if self.loras.apply(loras, progress):
+            # keys and values projected from a context under other weights are stale
+            for proc in self.unet.attn_processors.values():
+                if isinstance(proc, ContextKVCache):
+                    proc.context, proc.kv = None, None
+
+    def sigmas(self, batch: BatchRequest) -> Tensor:
+        raise NotImplementedError
+
+    def encode_image(self, image: Image.Image) -> Tensor:
+        raise NotImplementedError
+
+    def initial_x(self, batch: BatchRequest, noise: Tensor, sigmas: Tensor) -> Tensor:
+        """x at ``sigmas[0]``: the noise times it, or img2img's encoded picture plus that
+        (A1111's ``x = init_latent + noise * sigma_sched[0]``)."""
+        noise = noise.to(self.device)
+        if batch.init_image is None:
+            return noise * sigmas[0]
+        return self.encode_image(batch.init_image) + noise * sigmas[0]
+
+    def schedule(self, batch: BatchRequest) -> Tensor:
+        """The sigmas a batch samples over: all of them, or img2img's tail."""
+        sigmas = self.sigmas(batch)
+        if batch.init_image is None:
+            return sigmas
+        return img2img_sigmas(sigmas, batch.denoising_strength)
+
+
+class SD1Engine(UNetEngine):
     """Renders batches on one SD1.x model. ``quantize=True`` feeds the UNet integer
     timesteps (A1111's "Enable quantization in K samplers"); off by default as in A1111."""
 
     family = "sd1"
-    takes_init_image = True  # img2img: BatchRequest.init_image
+    module_names = ("unet", "vae", "text_encoder")
 
     def __init__(self, components: SD1Components, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, quantize: bool = False) -> None:
-        self.device, self.dtype = device, dtype
-        self.unet = components.unet.to(device)
-        self.vae = components.vae.to(device)
-        self.text_encoder = components.text_encoder.to(device)
+        self.dtype = dtype
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.device = device
         self.tokenizer = components.tokenizer
         sc = components.scheduler_config
         self.prediction_type = sc.get("prediction_type", "epsilon")
@@ -273,31 +339,12 @@ class SD1Engine:
     def _lora_layers(self) -> dict[str, Any]:
         """The layers by the names LoRA files give them: kohya's ``lora_unet_`` (the
         UNet's diffusers names, also its original-layout ones) and ``lora_te_``."""
-        from workers.engine.ldm_export import unet_key
-
-        config = dict(self.unet.config)
-
-        def unet_names(name: str) -> Iterable[str]:
-            try:
-                return (name, unet_key(name + ".weight", config).removesuffix(".weight"))
-            except KeyError:
-                return (name,)
-
         def te_names(name: str) -> Iterable[str]:
             # transformers >= 5.6 dropped CLIPTextModel's text_model level; files name it
             return ("text_model." + name.removeprefix("text_model."),)
 
-        return {**module_index("lora_unet", self.unet, unet_names),
+        return {**module_index("lora_unet", self.unet, self.unet_lora_names()),
                 **module_index("lora_te", self.text_encoder, te_names)}
-
-    def apply_loras(self, loras: Sequence[LoraRequest], progress: Progress | None = None) -> None:
-        """Merge exactly ``loras`` into the weights (nothing to do when they are merged
-        already). LoraError naming a file that cannot be read or fits no layer."""
-        if self.loras.apply(loras, progress):
-            # keys and values projected from a context under other weights are stale
-            for proc in self.unet.attn_processors.values():
-                if isinstance(proc, ContextKVCache):
-                    proc.context, proc.kv = None, None
 
     # -------------------------------------------------------------- steps of a render
 
@@ -377,21 +424,6 @@ class SD1Engine:
         pixels = picture_tensor(image).to(self.device, self.dtype)
         latent = self.vae.encode(pixels).latent_dist.mean.float()
         return latent * self.vae.config.scaling_factor
-
-    def initial_x(self, batch: BatchRequest, noise: Tensor, sigmas: Tensor) -> Tensor:
-        """x at ``sigmas[0]``: the noise times it, or img2img's encoded picture plus that
-        (A1111's ``x = init_latent + noise * sigma_sched[0]``)."""
-        noise = noise.to(self.device)
-        if batch.init_image is None:
-            return noise * sigmas[0]
-        return self.encode_image(batch.init_image) + noise * sigmas[0]
-
-    def schedule(self, batch: BatchRequest) -> Tensor:
-        """The sigmas a batch samples over: all of them, or img2img's tail."""
-        sigmas = self.sigmas(batch)
-        if batch.init_image is None:
-            return sigmas
-        return img2img_sigmas(sigmas, batch.denoising_strength)
 
     @torch.no_grad()
     def sample_latents(self, batch: BatchRequest, initial_latents: Tensor | None = None,

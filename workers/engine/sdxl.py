@@ -18,7 +18,7 @@ trainer writes them) or with their diffusers names, CLIP-L's ``lora_te1_`` and b
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, LoraRequest, Progress
+from workers.engine.base import BatchRequest, EngineError, Progress
 from workers.engine.lora import ROOTS, MergedLoras, module_index
 from workers.engine.names import resolve_schedule
 from workers.engine.prompts import TokenChunk, prompt_chunks
@@ -45,10 +45,10 @@ from workers.engine.sd1 import (
     MAX_TOKENS,
     TOKENIZER_DIR,
     ContextKVCache,
+    UNetEngine,
     _load_into,
     chunk_weights,
     emphasize,
-    img2img_sigmas,
     load_tokenizer,
     picture_tensor,
     run_sampler,
@@ -233,7 +233,7 @@ def load_components(
     )
 
 
-class SDXLEngine:
+class SDXLEngine(UNetEngine):
     """Renders batches on one SDXL base model. As SD1Engine: A1111 sampler semantics,
     per-image CPU generators, ``quantize=True`` for integer UNet timesteps. An image whose
     negative prompt is "" gets zeros as its negative context and pooled text (A1111's and
@@ -241,7 +241,7 @@ class SDXLEngine:
     (height, width) for prompt and negative prompt alike."""
 
     family = "sdxl"
-    takes_init_image = True  # img2img: BatchRequest.init_image
+    module_names = ("unet", "vae", "text_encoder", "text_encoder_2")
 
     def __init__(
         self,
@@ -283,18 +283,6 @@ class SDXLEngine:
         self.device = device
         self.loras = MergedLoras(self._lora_layers, LORA_ROOTS)
 
-    @property
-    def device(self) -> str:
-        return self._device
-
-    @device.setter
-    def device(self, device: str) -> None:
-        """Setting the device moves every module there (the worker parks an engine in host
-        RAM by moving its ``unet``, ``vae`` and ``text_encoder`` and setting ``device``)."""
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
-            module.to(device)
-        self._device = str(device)
-
     @classmethod
     def from_single_file(
         cls,
@@ -317,32 +305,12 @@ class SDXLEngine:
         """The layers by the names LoRA files give them: ``lora_unet_`` (the UNet's
         original-layout names and its diffusers ones), ``lora_te1_`` (CLIP-L) and
         ``lora_te2_`` (bigG)."""
-        from workers.engine.ldm_export import unet_key
-
-        config = dict(self.unet.config)
-
-        def unet_names(name: str) -> Iterable[str]:
-            try:
-                return (name, unet_key(name + ".weight", config).removesuffix(".weight"))
-            except KeyError:
-                return (name,)
-
         te1, te2 = self.text_encoder, self.text_encoder_2
         return {
-            **module_index("lora_unet", self.unet, unet_names),
+            **module_index("lora_unet", self.unet, self.unet_lora_names()),
             **module_index("lora_te1", te1, _text_encoder_names(te1)),
             **module_index("lora_te2", te2, _text_encoder_names(te2)),
         }
-
-    def apply_loras(self, loras: Sequence[LoraRequest], progress: Progress | None = None) -> None:
-        """Merge exactly ``loras`` into the weights (nothing to do when they are merged
-        already). LoraError naming a file that cannot be read, fits no layer or is made for
-        another model family."""
-        if self.loras.apply(loras, progress):
-            # keys and values projected from a context under other weights are stale
-            for proc in self.unet.attn_processors.values():
-                if isinstance(proc, ContextKVCache):
-                    proc.context, proc.kv = None, None
 
     # -------------------------------------------------------------- steps of a render
 
@@ -471,20 +439,6 @@ class SDXLEngine:
         pixels = picture_tensor(image).to(self.device, torch.float32)
         latent = self.vae.encode(pixels).latent_dist.mean.float()
         return latent * self.vae.config.scaling_factor
-
-    def initial_x(self, batch: BatchRequest, noise: Tensor, sigmas: Tensor) -> Tensor:
-        """x at ``sigmas[0]``: the noise times it, or the encoded picture plus that."""
-        noise = noise.to(self.device)
-        if batch.init_image is None:
-            return noise * sigmas[0]
-        return self.encode_image(batch.init_image) + noise * sigmas[0]
-
-    def schedule(self, batch: BatchRequest) -> Tensor:
-        """The sigmas a batch samples over: all of them, or img2img's tail."""
-        sigmas = self.sigmas(batch)
-        if batch.init_image is None:
-            return sigmas
-        return img2img_sigmas(sigmas, batch.denoising_strength)
 
     @torch.no_grad()
     def sample_latents(
