@@ -13,7 +13,6 @@ from typing import Annotated, Any, cast
 
 import redis
 from fastapi import FastAPI, HTTPException, Query, Request
-from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -26,6 +25,7 @@ from farm.api.schemas import (
     NOT_FOUND,
     ErrorBody,
     ErrorsPage,
+    FarmStats,
     Health,
     ImagesPage,
     JobDetail,
@@ -78,39 +78,6 @@ class BodyLimit:
                     await SafeJSONResponse({"detail": msg}, status_code=413)(scope, receive, send)
                     return
         await self.app(scope, receive, send)
-
-
-# (the response models of /v1/stats; the others are in farm/api/schemas.py)
-class JobsPerState(BaseModel):
-    """Every state of ``farm.jobs.STATES``, 0 where no job is in it."""
-
-    queued: int
-    running: int
-    paused: int
-    done: int
-    failed: int
-    cancelled: int
-
-
-class FarmStats(BaseModel):
-    """``GET /v1/stats``: the farm's counts, exact (``Ledger.counts``)."""
-
-    jobs: JobsPerState = Field(description="jobs in each state")
-    images_outstanding: int = Field(
-        description="images of queued and running jobs neither done nor failed"
-    )
-    images_per_s: float = Field(
-        description="of the running jobs: each job's images done since its first task "
-        "started, summed (a job's own images_per_s)"
-    )
-    totals: dict[str, int] = Field(
-        description="the farm's totals since its start, each only ever growing: "
-        "images_done, images_failed (an image failing again after a retry counts again), "
-        "images_done:<model>, images_failed:<model>, images_retried, jobs_submitted, "
-        f"task_runs, tasks_finished, errors:<stage> ({', '.join(ERROR_STAGES)}); "
-        "each is present (0 before anything counted it), a per-model one once counted"
-    )
-    workers: int = Field(description="live workers (those /v1/workers lists)")
 
 
 class Farm:

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from farm.jobs import ERRORS_KEPT
+from farm.jobs import ERROR_STAGES, ERRORS_KEPT
 from farm.spec import JobSpec
 
 
@@ -123,3 +123,35 @@ BODY_ERRORS: dict[int | str, dict[str, Any]] = {
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "no such job"}
 }
+
+
+class JobsPerState(BaseModel):
+    """Every state of ``farm.jobs.STATES``, 0 where no job is in it."""
+
+    queued: int
+    running: int
+    paused: int
+    done: int
+    failed: int
+    cancelled: int
+
+
+class FarmStats(BaseModel):
+    """``GET /v1/stats``: the farm's counts, exact (``Ledger.counts``)."""
+
+    jobs: JobsPerState = Field(description="jobs in each state")
+    images_outstanding: int = Field(
+        description="images of queued and running jobs neither done nor failed"
+    )
+    images_per_s: float = Field(
+        description="of the running jobs: each job's images done since its first task "
+        "started, summed (a job's own images_per_s)"
+    )
+    totals: dict[str, int] = Field(
+        description="the farm's totals since its start, each only ever growing: "
+        "images_done, images_failed (an image failing again after a retry counts again), "
+        "images_done:<model>, images_failed:<model>, images_retried, jobs_submitted, "
+        f"task_runs, tasks_finished, errors:<stage> ({', '.join(ERROR_STAGES)}); "
+        "each is present (0 before anything counted it), a per-model one once counted"
+    )
+    workers: int = Field(description="live workers (those /v1/workers lists)")
