@@ -113,25 +113,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
     """
     result: dict[str, Any] = {arg: None for arg, _ in _FIELDS.values()}
     result.update(prompt="", negative_prompt="", width=None, height=None, extra={})
-    *lines, last_line = text.strip().split("\n")
-    if len(_RE_PARAM.findall(last_line)) < 3:
-        lines.append(last_line)
-        last_line = ""
-
-    prompt: list[str] = []
-    negative: list[str] | None = None
-    for line in lines:
-        if negative is None and line.startswith(_NEGATIVE):
-            negative = [line[len(_NEGATIVE) :].lstrip()]
-        elif negative is not None:
-            negative.append(line)
-        else:
-            prompt.append(line)
-    result["prompt"] = "\n".join(prompt).strip()
-    result["negative_prompt"] = "\n".join(negative).strip() if negative else ""
-
-    for key, raw in _RE_PARAM.findall(last_line):
-        value = _unquote(raw.strip())
+    result["prompt"], result["negative_prompt"], pairs = _split_infotext(text)
+    for key, value in pairs:
         if key == "Size" and (m := _RE_SIZE.match(value)):
             result["width"], result["height"] = int(m.group(1)), int(m.group(2))
         elif key in _FIELDS:
@@ -143,6 +126,39 @@ def parse_parameters(text: str) -> dict[str, Any]:
         else:
             result["extra"][key] = value
     return result
+
+
+def _split_infotext(text: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """An infotext's prompt, negative prompt and the (key, value) pairs of its last line
+    (unquoted), as A1111 splits it: the last line holds the pairs when it has 3 or more."""
+    *lines, last_line = text.strip().split("\n")
+    if len(_RE_PARAM.findall(last_line)) < 3:
+        lines.append(last_line)
+        last_line = ""
+    prompt: list[str] = []
+    negative: list[str] | None = None
+    for line in lines:
+        if negative is None and line.startswith(_NEGATIVE):
+            negative = [line[len(_NEGATIVE) :].lstrip()]
+        elif negative is not None:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    pairs = [(key, _unquote(raw.strip())) for key, raw in _RE_PARAM.findall(last_line)]
+    return "\n".join(prompt).strip(), "\n".join(negative).strip() if negative else "", pairs
+
+
+def infotext_fields(text: str) -> dict[str, str]:
+    """An infotext's fields by A1111's own names, as its ``/sdapi/v1/png-info`` gives them:
+    "Prompt", "Negative prompt", each key of the last line with its value as text, and
+    "Size" also as "Size-1" and "Size-2" (width, height)."""
+    prompt, negative, pairs = _split_infotext(text)
+    out = {"Prompt": prompt, "Negative prompt": negative}
+    for key, value in pairs:
+        out[key] = value
+        if key == "Size" and (m := _RE_SIZE.match(value)):
+            out["Size-1"], out["Size-2"] = m.group(1), m.group(2)
+    return out
 
 
 def encode_png(image: Image.Image, parameters: str, *, compress_level: int = 6) -> bytes:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import json
 import math
 import re
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import redis
 from fastapi import APIRouter, Body, HTTPException, Request
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -59,7 +61,7 @@ from farm.jobs import TERMINAL, JobNotFound, JobRecord
 from farm.models import LORA, LORA_ENGINES, ModelEntry, ModelRegistry, no_loras
 from farm.spec import DEFAULT_DENOISING_STRENGTH, JobSpec, Plan
 from storage.keys import image_key
-from storage.png import read_parameters
+from storage.png import infotext_fields, read_parameters
 from workers.engine.names import DEFAULT_SCHEDULE, SAMPLERS, SCHEDULES
 
 if TYPE_CHECKING:
@@ -263,6 +265,16 @@ class LoraItem(BaseModel):
     alias: str
     path: str
     metadata: dict[str, Any]
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(description="a PNG (or another picture) in base64, or a data: URL")
+
+
+class PngInfoResponse(BaseModel):
+    info: str = Field(description="the picture's generation parameters, as written in it")
+    items: dict[str, Any] = Field(description="its other text chunks")
+    parameters: dict[str, Any] = Field(description="the parameters by A1111's names")
 
 
 class ProgressResponse(BaseModel):
@@ -1047,4 +1059,59 @@ def router(farm: Farm) -> APIRouter:
             }
         )
 
+    # what A1111 clients read at start: the farm has none of these, and says so
+    for path, empty, what in (
+        ("/sd-vae", [], "separate VAEs: each checkpoint renders with its own"),
+        ("/hypernetworks", [], "hypernetworks (not supported)"),
+        ("/embeddings", {"loaded": {}, "skipped": {}}, "textual inversions (not supported)"),
+    ):
+        api.add_api_route(
+            path,
+            _constant(empty),
+            methods=["GET"],
+            response_model=type(empty),
+            summary=f"None: {what}",
+        )
+    for path in ("/refresh-checkpoints", "/refresh-loras", "/refresh-vae"):
+        api.add_api_route(
+            path,
+            _constant(None),
+            methods=["POST"],
+            summary="Nothing to do: the registry is read at every request",
+        )
+
+    @api.post(
+        "/png-info",
+        response_model=PngInfoResponse,
+        responses={**BODY_ERRORS, 422: RESPONSES[422]},
+        summary="The generation parameters a picture carries",
+    )
+    def png_info(body: PngInfoRequest) -> Response:
+        problems: list[dict[str, str]] = []
+
+        def bad(field: str, msg: str) -> None:
+            problems.append({"field": field, "msg": msg})
+
+        data = _base64(body.image, "image", bad)
+        if data is None:
+            return validation_response(problems)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                chunks = {k: v for k, v in im.info.items() if isinstance(v, str)}
+        except Exception as exc:  # whatever Pillow cannot read is the client's to fix
+            return validation_response([{"field": "image", "msg": f"not a picture: {exc}"}])
+        info = chunks.pop("parameters", "")
+        return SafeJSONResponse(
+            {"info": info, "items": chunks, "parameters": infotext_fields(info) if info else {}}
+        )
+
     return api
+
+
+def _constant(value: Any) -> Callable[[], Response]:
+    """An endpoint that answers ``value``."""
+
+    def endpoint() -> Response:
+        return SafeJSONResponse(value)
+
+    return endpoint

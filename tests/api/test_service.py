@@ -118,6 +118,13 @@ def test_openapi_document(client: TestClient) -> None:
         "/sdapi/v1/schedulers",
         "/sdapi/v1/options",
         "/sdapi/v1/progress",
+        "/sdapi/v1/png-info",
+        "/sdapi/v1/sd-vae",
+        "/sdapi/v1/hypernetworks",
+        "/sdapi/v1/embeddings",
+        "/sdapi/v1/refresh-checkpoints",
+        "/sdapi/v1/refresh-loras",
+        "/sdapi/v1/refresh-vae",
     }
     schemas = doc["components"]["schemas"]
     assert {"JobSpec", "JobDetail", "JobSummary", "ImagesPage", "ErrorBody"} <= set(schemas)
