@@ -87,6 +87,15 @@ def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         spec["tags"] = args.tag
     if args.lora:
         spec["loras"] = [lora_arg(item) for item in args.lora]
+    hires = {
+        "scale": args.hires_scale,
+        "steps": args.hires_steps,
+        "denoising_strength": args.hires_denoise,
+        "upscaler": args.hires_upscaler,
+    }
+    if any(v is not None for v in hires.values()):  # hires fix: the rest from its defaults
+        base = spec.get("hires") if isinstance(spec.get("hires"), dict) else {}
+        spec["hires"] = {**base, **{k: v for k, v in hires.items() if v is not None}}
     for item in args.sweep or []:
         name, sep, values = item.partition("=")
         if not sep or not values:
@@ -407,6 +416,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="S",
         help="img2img: how much of the picture is renewed, above 0 and at most 1 (0.75)",
+    )
+    sp.add_argument(
+        "--hires-scale",
+        type=float,
+        metavar="X",
+        help="hires fix: render at the size given, upscale by X (1-4, 2 if another --hires-* "
+        "flag is given) and sample again; the PNGs have the larger size",
+    )
+    sp.add_argument(
+        "--hires-steps", type=int, metavar="N", help="hires fix: second pass steps (0: --steps)"
+    )
+    sp.add_argument(
+        "--hires-denoise",
+        type=float,
+        metavar="S",
+        help="hires fix: the second pass's denoising strength, above 0, at most 1 (0.7)",
+    )
+    sp.add_argument(
+        "--hires-upscaler",
+        metavar="U",
+        help="hires fix: Latent (default), Latent (bicubic), ..., Lanczos, Nearest or None",
     )
     sp.add_argument("--wait", action="store_true", help="show a progress bar until it ends")
 

@@ -33,11 +33,13 @@ from pydantic import (
 )
 
 from farm.config import Config
+from workers.engine.base import DEFAULT_HIRES_STRENGTH, HIRES_UPSCALERS, hires_sizes
 from workers.engine.names import SAMPLERS, SCHEDULES
 
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 8  # LoRAs of one job
 MAX_LORA_WEIGHT = 5.0  # |weight| of a LoRA (slider LoRAs go to about 5)
+MAX_HIRES_SCALE = 4.0  # A1111's slider goes to 4
 SWEEPABLE = (
     "model",
     "negative_prompt",
@@ -180,6 +182,91 @@ class LoraRef(BaseModel):
         return float(v)
 
 
+class HiresSpec(BaseModel):
+    """A1111's hires fix (txt2img's ``enable_hr``): every image is rendered at width x
+    height, upscaled and sampled again at the larger size, which the PNG has."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(
+        2.0, description=f"upscale factor, 1 to {MAX_HIRES_SCALE:g} (A1111's hr_scale)"
+    )
+    resize_x: int = Field(
+        0,
+        description="final width instead of scale (0: from scale, or from resize_y and the "
+        "aspect ratio); a multiple of 8",
+    )
+    resize_y: int = Field(
+        0,
+        description="final height instead of scale (0: from scale, or from resize_x and "
+        "the aspect ratio); both given: the upscale covers that box and is cropped to it",
+    )
+    upscaler: str = Field("Latent", description=f"one of {', '.join(HIRES_UPSCALERS)}")
+    steps: int = Field(0, description="steps of the second pass; 0: the same as steps")
+    denoising_strength: float = Field(
+        DEFAULT_HIRES_STRENGTH, description="how much the second pass renews, above 0, at most 1"
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: float) -> float:
+        if not math.isfinite(v) or not 1.0 <= v <= MAX_HIRES_SCALE:
+            raise ValueError(f"must be between 1 and {MAX_HIRES_SCALE:g}")
+        return float(v)
+
+    @field_validator("resize_x", "resize_y")
+    @classmethod
+    def _resize(cls, v: int, info: ValidationInfo) -> int:
+        most = _limits.max_width if info.field_name == "resize_x" else _limits.max_height
+        if v != 0:
+            try:
+                _check_side(v, most)
+            except ValueError as exc:
+                rest = str(exc).removeprefix("must be ")
+                raise ValueError(f"must be 0 (from scale) or {rest}") from None
+        return v
+
+    @field_validator("upscaler")
+    @classmethod
+    def _upscaler(cls, v: str) -> str:
+        if v not in HIRES_UPSCALERS:
+            raise ValueError(
+                f"must be one of {', '.join(HIRES_UPSCALERS)} (upscalers with weights, "
+                "such as ESRGAN, are not available on the farm)"
+            )
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if not 0 <= v <= _limits.max_steps:
+            raise ValueError(f"must be 0 (the same as steps) or up to {_limits.max_steps}")
+        return v
+
+    @field_validator("denoising_strength")
+    @classmethod
+    def _strength(cls, v: float) -> float:
+        return _check_strength(v)
+
+    def size_problem(self, width: int, height: int) -> str | None:
+        """Why a first pass of width x height cannot be upscaled as asked (the final or
+        the upscaled size off the farm's limits), naming the hires field; None if it can."""
+        to_w, to_h, w, h = hires_sizes(width, height, self.scale, self.resize_x, self.resize_y)
+        by = (
+            f"{width}x{height} x hires.scale {self.scale:g}"
+            if not (self.resize_x or self.resize_y)
+            else f"hires.resize_x {self.resize_x}, hires.resize_y {self.resize_y} from "
+            f"{width}x{height}"
+        )
+        most_w, most_h = _limits.max_width, _limits.max_height
+        if w > most_w or h > most_h or to_w > most_w or to_h > most_h:
+            size = f"{w}x{h}" if (w, h) == (to_w, to_h) else f"{to_w}x{to_h} before the crop"
+            return f"{by} upscales to {size}; at most {most_w}x{most_h}"
+        if w < 64 or h < 64:
+            return f"{by} comes out at {w}x{h}; at least 64x64"
+        return None
+
+
 class JobSpec(BaseModel):
     """What a client asks for. Names follow A1111's txt2img API where one exists."""
 
@@ -206,6 +293,11 @@ class JobSpec(BaseModel):
         description="img2img: how much of the picture is renewed, above 0 and at most 1 "
         "(1: all of it); only with init_image",
     )
+    hires: HiresSpec | None = Field(
+        None,
+        description="A1111's hires fix (txt2img only, SD1 and SDXL models): each image "
+        "rendered at width x height, upscaled and sampled again; the PNG has the final size",
+    )
     batch_size: int | None = Field(None, description="images per task; default from config")
     priority: int = Field(50, description="0 (lowest) to 100 (highest)")
     sweep: dict[str, list[Any]] = Field(
@@ -222,6 +314,8 @@ class JobSpec(BaseModel):
     @classmethod
     def model_construct(cls, _fields_set: set[str] | None = None, **values: Any) -> Self:
         """Also builds the LoRA entries (pydantic leaves nested models as dicts here)."""
+        if isinstance(values.get("hires"), dict):
+            values["hires"] = HiresSpec.model_construct(**values["hires"])
         if values.get("loras"):
             values["loras"] = [
                 LoraRef.model_construct(**x) if isinstance(x, dict) else x for x in values["loras"]
@@ -363,6 +457,34 @@ class JobSpec(BaseModel):
             raise ValueError("only with init_image (img2img: POST the picture to /v1/inputs)")
         return v
 
+    @field_validator("hires")
+    @classmethod
+    def _hires(cls, v: HiresSpec | None, info: ValidationInfo) -> HiresSpec | None:
+        if v is None:
+            return v
+        if info.data.get("init_image"):
+            raise ValueError("a hires fix is for txt2img: not with init_image")
+        width, height = info.data.get("width"), info.data.get("height")
+        if width is None or height is None:
+            return v  # the size is refused already
+        if (problem := v.size_problem(width, height)) is not None:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _hires_sweep(self) -> JobSpec:
+        """A swept width or height: the hires fix fits every one of its sizes (the sizes
+        it gives are monotonic in width and in height, so the corners bound them)."""
+        if self.hires is None or not ({"width", "height"} & set(self.sweep)):
+            return self
+        widths = self.sweep.get("width", [self.width])
+        heights = self.sweep.get("height", [self.height])
+        for w in (min(widths), max(widths)):
+            for h in (min(heights), max(heights)):
+                if (problem := self.hires.size_problem(w, h)) is not None:
+                    raise ValueError(f"hires: {problem} (a swept size)")
+        return self
+
     @field_validator("output_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
@@ -424,6 +546,7 @@ class ImageParams:
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight), the job's, in its order
     init_image: str = ""  # img2img: the job's input picture (sha256 of inputs/<sha>.png)
     denoising_strength: float = DEFAULT_DENOISING_STRENGTH
+    hires: HiresSpec | None = None  # the job's hires fix
 
 
 @dataclass(frozen=True)
@@ -554,6 +677,7 @@ class Plan:
             seed=self.spec.seed + repeat,
             loras=self._loras,
             init_image=self.spec.init_image,
+            hires=self.spec.hires,
             **self.cell_settings(cell),
         )
 

@@ -23,7 +23,14 @@ from farm.spec import ImageParams
 from storage.base import ObjectNotFound, StorageError
 from storage.keys import image_key, input_key
 from storage.png import encode_png, format_parameters
-from workers.engine.base import BatchRequest, EngineError, ImageRequest, LoraError, LoraRequest
+from workers.engine.base import (
+    BatchRequest,
+    EngineError,
+    HiresRequest,
+    ImageRequest,
+    LoraError,
+    LoraRequest,
+)
 from workers.runtime import REDIS_AWAY, Runtime
 
 log = logging.getLogger("farm.worker")
@@ -183,6 +190,10 @@ def _render_images(
                 f"init_image: model {first.model!r} ({family}) cannot start from a picture "
                 "(img2img)"
             )
+        if first.hires is not None and not getattr(engine, "takes_hires", False):
+            stage = "input"  # the job's setting, not the model's fault
+            family = getattr(engine, "family", type(engine).__name__)
+            raise EngineError(f"hires: model {first.model!r} ({family}) has no hires fix")
         loras: tuple[LoraRequest, ...] = ()
         lora_hashes: dict[str, str] = {}
         if first.loras:
@@ -200,6 +211,7 @@ def _render_images(
             loras=loras,
             init_image=init_image,
             denoising_strength=first.denoising_strength,
+            hires=hires_request(first),
         )
         t0 = time.perf_counter()
         with rt.watchdog.stage(f"rendering task {rt.current_task}", first.model) as tick:
@@ -215,6 +227,7 @@ def _render_images(
         extra: dict[str, Any] = {}
         if first.init_image:  # A1111's place for it: after the model, before the LoRAs
             extra["Denoising strength"] = first.denoising_strength
+        extra.update(hires_parameters(first))
         if first.loras:  # as A1111 writes them: the tags in the prompt, the files' hashes
             extra["Lora hashes"] = ", ".join(f"{n}: {lora_hashes[n][:12]}" for n, _ in first.loras)
         for p, picture in zip(images, pictures, strict=True):
@@ -264,6 +277,40 @@ def _render_images(
         raise
     rt.ledger.mark(job_id, indices, ok=True)
     rt.stats.images += len(indices)
+
+
+def hires_request(p: ImageParams) -> HiresRequest | None:
+    """The engine's hires settings of an image's job (None: no hires fix)."""
+    hr = p.hires
+    if hr is None:
+        return None
+    return HiresRequest(
+        scale=hr.scale,
+        resize_x=hr.resize_x,
+        resize_y=hr.resize_y,
+        upscaler=hr.upscaler,
+        steps=hr.steps,
+        denoising_strength=hr.denoising_strength,
+    )
+
+
+def hires_parameters(p: ImageParams) -> dict[str, Any]:
+    """A hires image's infotext fields, A1111's names in A1111's order (after the model,
+    before the LoRA hashes): ``Denoising strength``, ``Hires upscale`` (or ``Hires
+    resize: XxY`` when a resize is given), ``Hires steps`` (only when not 0) and ``Hires
+    upscaler``; ``Size`` stays the first pass's, as A1111 writes it."""
+    hr = p.hires
+    if hr is None:
+        return {}
+    out: dict[str, Any] = {"Denoising strength": _weight(hr.denoising_strength)}
+    if hr.resize_x or hr.resize_y:
+        out["Hires resize"] = f"{hr.resize_x}x{hr.resize_y}"
+    else:
+        out["Hires upscale"] = _weight(hr.scale)
+    if hr.steps:
+        out["Hires steps"] = hr.steps
+    out["Hires upscaler"] = hr.upscaler
+    return out
 
 
 def _input_picture(rt: Runtime, first: ImageParams) -> Image.Image:

@@ -230,6 +230,7 @@ def create_app(
         farm.check_output_prefix(spec)
         farm.check_models(spec)
         inputs.check_init_image(farm, spec)  # img2img: the picture is stored
+        inputs.check_hires(farm, spec)  # hires fix: SD1 and SDXL models only
         job = farm.ledger.create(spec, config.default_batch_size)
         return SafeJSONResponse(farm.detail(job), status_code=201)
 

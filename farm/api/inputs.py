@@ -11,7 +11,8 @@ sha256 being that of the stored PNG's bytes. The answer, ``{"init_image": sha256
 same hash and one object.
 
 At submit, ``check_init_image`` makes sure the job's picture is in the store and its models
-can start from a picture (``IMG2IMG_ENGINES``): a FieldError naming ``init_image`` otherwise.
+can start from a picture (``IMG2IMG_ENGINES``): a FieldError naming ``init_image`` otherwise;
+``check_hires`` does the same for a job's hires fix, whose second pass is an img2img.
 """
 
 from __future__ import annotations
@@ -117,18 +118,30 @@ def put_input(store: storage.ObjectStore, sha: str, png: bytes) -> None:
         raise HTTPException(503, f"object storage is unavailable: {exc}") from None
 
 
-def check_init_image(farm: Farm, spec: JobSpec) -> None:
-    """A job's ``init_image`` is a stored input and each of its models takes one."""
-    if not spec.init_image:
-        return
+def check_img2img_models(farm: Farm, spec: JobSpec, field: str, what: str) -> None:
+    """Each of the job's models can sample from a picture (img2img and the hires fix's
+    second pass): FieldError naming ``field`` and saying that the model cannot ``what``."""
     for name in dict.fromkeys([spec.model, *spec.sweep.get("model", [])]):
         entry = farm.models.get(name)
         if entry is not None and entry.engine not in IMG2IMG_ENGINES:
             raise FieldError(
-                "init_image",
-                f"model {name!r} ({entry.engine}) cannot start from a picture; img2img "
-                f"goes with {' or '.join(f'{e} models' for e in IMG2IMG_ENGINES)}",
+                field,
+                f"model {name!r} ({entry.engine}) cannot {what}; it goes with "
+                f"{' or '.join(f'{e} models' for e in IMG2IMG_ENGINES)}",
             )
+
+
+def check_hires(farm: Farm, spec: JobSpec) -> None:
+    """A job's ``hires`` fix goes with models that take img2img (its second pass is one)."""
+    if spec.hires is not None:
+        check_img2img_models(farm, spec, "hires", "render a hires fix (img2img at the larger size)")
+
+
+def check_init_image(farm: Farm, spec: JobSpec) -> None:
+    """A job's ``init_image`` is a stored input and each of its models takes one."""
+    if not spec.init_image:
+        return
+    check_img2img_models(farm, spec, "init_image", "start from a picture (img2img)")
     try:
         found = farm.store().exists(input_key(spec.init_image))
     except storage.StorageError as exc:

@@ -62,6 +62,7 @@ from farm.models import LORA, LORA_ENGINES, ModelEntry, ModelRegistry, no_loras
 from farm.spec import DEFAULT_DENOISING_STRENGTH, JobSpec, Plan
 from storage.keys import image_key
 from storage.png import infotext_fields, read_parameters
+from workers.engine.base import HIRES_LATENT_MODES, HIRES_PIXEL_UPSCALERS, HIRES_UPSCALERS
 from workers.engine.names import DEFAULT_SCHEDULE, SAMPLERS, SCHEDULES
 
 if TYPE_CHECKING:
@@ -72,6 +73,18 @@ LAST_POLL_S = 0.5  # ... then each pause 1.5x the one before, up to this
 MODEL_FIELD = "override_settings.sd_model_checkpoint"
 TAG = "sdapi"  # every job submitted here carries this tag
 MAX_INIT_IMAGES = 64  # img2img's init_images (all the same picture)
+# txt2img's denoising_strength when not given: A1111's API takes its default from the
+# txt2img class (0.75; 0.7 is its UI slider's default, and the job spec's)
+SDAPI_HIRES_STRENGTH = 0.75
+# the job spec's hires fields by A1111's names
+HIRES_NAMES = {
+    "scale": "hr_scale",
+    "resize_x": "hr_resize_x",
+    "resize_y": "hr_resize_y",
+    "upscaler": "hr_upscaler",
+    "steps": "hr_second_pass_steps",
+    "denoising_strength": "denoising_strength",
+}
 
 # A1111's other names of the engine's samplers, and of its schedules: (default_rho,
 # need_inner_model) as A1111's /sdapi/v1/schedulers tells them
@@ -167,19 +180,28 @@ class Txt2ImgRequest(SdapiRequest):
     nullable (null means the default, as there)."""
 
     firstpass_image: str | None = Field(None, description="refused if set")
-    enable_hr: bool | None = Field(False, description="refused if true (no hires fix)")
-    firstphase_width: int | None = 0
-    firstphase_height: int | None = 0
-    hr_scale: float | None = 2.0
-    hr_upscaler: str | None = None
-    hr_second_pass_steps: int | None = 0
-    hr_resize_x: int | None = 0
-    hr_resize_y: int | None = 0
-    hr_checkpoint_name: str | None = None
-    hr_sampler_name: str | None = None
-    hr_scheduler: str | None = None
-    hr_prompt: str | None = ""
-    hr_negative_prompt: str | None = ""
+    enable_hr: bool | None = Field(
+        False, description="hires fix: the job's hires (SD1 and SDXL models)"
+    )
+    firstphase_width: int | None = Field(0, description="refused unless 0 (the old hires fix)")
+    firstphase_height: int | None = Field(0, description="refused unless 0")
+    hr_scale: float | None = Field(2.0, description="1 to 4")
+    hr_upscaler: str | None = Field(
+        None, description=f"{', '.join(HIRES_UPSCALERS)} (none: Latent)"
+    )
+    hr_second_pass_steps: int | None = Field(0, description="0: the same as steps")
+    hr_resize_x: int | None = Field(0, description="0 or a multiple of 8")
+    hr_resize_y: int | None = Field(0, description="0 or a multiple of 8")
+    hr_checkpoint_name: str | None = Field(None, description="refused unless the same model")
+    hr_sampler_name: str | None = Field(None, description="refused unless the same sampler")
+    hr_scheduler: str | None = Field(None, description="refused unless the same schedule")
+    hr_prompt: str | None = Field("", description="refused unless empty or the prompt")
+    hr_negative_prompt: str | None = Field(
+        "", description="refused unless empty or the negative prompt"
+    )
+    hr_additional_modules: list[str] | None = Field(
+        None, description='refused unless empty or ["Use same choices"]'
+    )
 
 
 class Img2ImgRequest(SdapiRequest):
@@ -441,8 +463,6 @@ def refusals(body: SdapiRequest, sampler: str, bad: Callable[[str, str], None]) 
     false, save_images, comments, ...) pass."""
     width, height = body.width or 512, body.height or 512
     if isinstance(body, Txt2ImgRequest):
-        if body.enable_hr:
-            bad("enable_hr", "hires fix is not available on the farm; ask for the final size")
         for name in ("firstphase_width", "firstphase_height"):
             if getattr(body, name):
                 bad(name, "a first pass size (the old hires fix) is not available on the farm")
@@ -591,6 +611,90 @@ def img2img_refusals(body: Img2ImgRequest, bad: Callable[[str, str], None]) -> N
         bad("initial_noise_multiplier", "the farm renders with 1 (the A1111 default)")
 
 
+def _same_choice(value: str | None, same: str, *ours: str | None) -> bool:
+    """An ``hr_`` choice that keeps the first pass's: none, A1111's "Use same ..." or the
+    first pass's own value."""
+    return value in (None, "", same) or any(v is not None and value == v for v in ours)
+
+
+def hires_fields(
+    farm: Farm, body: Txt2ImgRequest, entry: ModelEntry | None, sampler: str, schedule: str,
+    bad: Callable[[str, str], None],
+) -> dict[str, Any] | None:  # fmt: skip
+    """A txt2img's hires fix as the job's ``hires`` (None without ``enable_hr``), with the
+    ``hr_`` fields the farm cannot render reported: another checkpoint, sampler, schedule
+    or prompt for the second pass, extra modules, a model other than SD1 or SDXL."""
+    if not body.enable_hr:
+        return None
+    if entry is not None and entry.engine not in inputs.IMG2IMG_ENGINES:
+        engines = " or ".join(inputs.IMG2IMG_ENGINES)
+        bad("enable_hr", f"model {entry.name!r} ({entry.engine}) has no hires fix; it goes "
+            f"with {engines} models")  # fmt: skip
+    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        try:
+            same = resolve_model(farm.models, body.hr_checkpoint_name, "")
+        except FieldError:
+            same = None
+        if entry is None or same is None or same.name != entry.name:
+            bad("hr_checkpoint_name", "another checkpoint for the hires pass is not available "
+                "on the farm; send null or the first pass's")  # fmt: skip
+    hr_sampler = body.hr_sampler_name
+    if not _same_choice(hr_sampler, "Use same sampler", sampler, body.sampler_name):
+        if hr_sampler is None or _sampler(hr_sampler) != sampler:
+            bad("hr_sampler_name", "another sampler for the hires pass is not available on "
+                "the farm; send null")  # fmt: skip
+    hr_schedule = body.hr_scheduler
+    if not _same_choice(hr_schedule, "Use same scheduler", schedule, body.scheduler):
+        if hr_schedule is None or _schedule(hr_schedule) != schedule:
+            bad("hr_scheduler", "another schedule for the hires pass is not available on the "
+                "farm; send null")  # fmt: skip
+    if not _same_choice(body.hr_prompt, "", body.prompt):
+        bad("hr_prompt", "another prompt for the hires pass is not available on the farm; "
+            "send an empty one")  # fmt: skip
+    if not _same_choice(body.hr_negative_prompt, "", body.negative_prompt):
+        bad("hr_negative_prompt", "another negative prompt for the hires pass is not "
+            "available on the farm; send an empty one")  # fmt: skip
+    if any(m != "Use same choices" for m in body.hr_additional_modules or []):
+        bad("hr_additional_modules", "extra modules for the hires pass are not available on "
+            "the farm")  # fmt: skip
+    upscaler = body.hr_upscaler or "Latent"  # A1111's latent_upscale_default_mode
+    strength = body.denoising_strength
+    return {
+        "scale": 2.0 if body.hr_scale is None else body.hr_scale,
+        "resize_x": body.hr_resize_x or 0,
+        "resize_y": body.hr_resize_y or 0,
+        "upscaler": upscaler,
+        "steps": body.hr_second_pass_steps or 0,
+        "denoising_strength": SDAPI_HIRES_STRENGTH if strength is None else strength,
+    }
+
+
+def hires_infotext(spec: JobSpec) -> dict[str, Any]:
+    """A hires job's fields in A1111's ``extra_generation_params``, as its PNGs have them."""
+    hr = spec.hires
+    assert hr is not None
+    out: dict[str, Any] = {}
+    if hr.resize_x or hr.resize_y:
+        out["Hires resize"] = f"{hr.resize_x}x{hr.resize_y}"
+    else:
+        out["Hires upscale"] = hr.scale
+    if hr.steps:
+        out["Hires steps"] = hr.steps
+    out["Hires upscaler"] = hr.upscaler
+    return out
+
+
+def _hires_error(field: str, msg: str) -> tuple[str, str]:
+    """A JobSpec error about ``hires`` with A1111's field names."""
+    for ours, theirs in HIRES_NAMES.items():
+        msg = msg.replace(f"hires.{ours}", theirs)
+    if field == "hires":  # the size it comes out at
+        field = "hr_resize_x" if "hr_resize" in msg else "hr_scale"
+    else:
+        field = HIRES_NAMES.get(field.removeprefix("hires."), "enable_hr")
+    return field, msg
+
+
 def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
     """The farm job an A1111 txt2img or img2img request asks for, or Refused with every
     problem. An img2img request's picture is stored (``inputs``) once nothing is wrong."""
@@ -654,6 +758,9 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
             "init_image": picture[0] if picture else "0" * 64,
             "denoising_strength": DEFAULT_DENOISING_STRENGTH if strength is None else strength,
         }
+    hires = None
+    if isinstance(body, Txt2ImgRequest):
+        hires = hires_fields(farm, body, entry, sampler, schedule, bad)
     fields = {
         "model": entry.name if entry else "synthetic",
         "prompt": prompt,
@@ -670,6 +777,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         "batch_size": max(1, batch),
         "tags": [TAG],
         **img2img,
+        **({"hires": hires} if hires is not None else {}),
     }
     spec: JobSpec | None = None
     try:
@@ -681,6 +789,8 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
                 bad("prompt", f"LoRA {loras[int(m['i'])]['name']!r}:{what} {e['msg']}")
             elif e["field"] == "loras":
                 bad("prompt", f"LoRA tags: {e['msg']}")
+            elif e["field"].startswith("hires"):
+                bad(*_hires_error(e["field"], e["msg"]))
             else:
                 field = {"count": "batch_size", "model": MODEL_FIELD}.get(e["field"], e["field"])
                 bad(field, e["msg"])
@@ -775,11 +885,16 @@ def answer(body: SdapiRequest, job: JobRecord, entry: ModelEntry, pngs: list[byt
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": (
-            spec.denoising_strength if spec.init_image else body.denoising_strength
+            spec.denoising_strength
+            if spec.init_image
+            else spec.hires.denoising_strength
+            if spec.hires
+            else body.denoising_strength
         ),
         "extra_generation_params": {
             "Schedule type": spec.scheduler,
             **({"Denoising strength": spec.denoising_strength} if spec.init_image else {}),
+            **(hires_infotext(spec) if spec.hires else {}),
         },
         "index_of_first_image": 0,
         "infotexts": [read_parameters(png) or "" for png in pngs],
@@ -1071,6 +1186,19 @@ def router(farm: Farm) -> APIRouter:
             methods=["GET"],
             response_model=type(empty),
             summary=f"None: {what}",
+        )
+    # the upscalers the hires fix takes: A1111 lists pixel ones and latent modes apart
+    upscalers = [
+        {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+        for n in HIRES_PIXEL_UPSCALERS
+    ]
+    for path, listed, what in (
+        ("/upscalers", upscalers, "The pixel upscalers the hires fix takes (no ESRGAN)"),
+        ("/latent-upscale-modes", [{"name": n} for n in HIRES_LATENT_MODES],
+         "The latent upscale modes the hires fix takes"),
+    ):  # fmt: skip
+        api.add_api_route(
+            path, _constant(listed), methods=["GET"], response_model=list[dict], summary=what
         )
     for path in ("/refresh-checkpoints", "/refresh-loras", "/refresh-vae"):
         api.add_api_route(

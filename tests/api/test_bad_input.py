@@ -65,6 +65,12 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("init_image", {"init_image": "cd" * 32}),  # never uploaded
     ("denoising_strength", {"denoising_strength": 0.5}),  # without init_image
     ("denoising_strength", {"denoising_strength": NAN}),
+    ("hires", {"hires": 2}),
+    ("hires", {"hires": {}}),  # the synthetic model has no hires fix
+    ("hires", {"hires": {"scale": 4}}),  # 2048x2048, over the limits
+    ("hires.scale", {"hires": {"scale": 0.5}}),
+    ("hires.upscaler", {"hires": {"upscaler": "R-ESRGAN 4x+"}}),
+    ("hires.denoising_strength", {"hires": {"denoising_strength": 0}}),
     ("batch_size", {"batch_size": 0}),
     ("batch_size", {"batch_size": LIMITS["max_batch_size"] + 1}),
     ("priority", {"priority": -1}),

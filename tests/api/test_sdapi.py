@@ -179,7 +179,7 @@ def test_fields_that_change_nothing_are_accepted(make_client: MakeClient, worker
 
 # (field named in the 422, body overrides): each asks for something the farm cannot render
 REFUSED: list[tuple[str, dict[str, Any]]] = [
-    ("enable_hr", {"enable_hr": True}),
+    ("enable_hr", {"enable_hr": True}),  # the synthetic model has no hires fix
     ("firstphase_width", {"firstphase_width": 256}),
     ("restore_faces", {"restore_faces": True}),
     ("tiling", {"tiling": True}),

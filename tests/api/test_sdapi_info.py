@@ -88,5 +88,15 @@ def test_the_lists_clients_read_at_start_answer_none(client: TestClient) -> None
     for path in ("/refresh-checkpoints", "/refresh-loras", "/refresh-vae"):
         r = client.post("/sdapi/v1" + path)
         assert (r.status_code, r.json()) == (200, None), path
+    names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    assert names == ["None", "Lanczos", "Nearest"]  # no ESRGAN: it needs weights
+    modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes
+    # what the lists name, a hires job takes
+    from farm.spec import JobSpec
+
+    for upscaler in names + modes:
+        spec = JobSpec(model="m", prompt="p", hires={"upscaler": upscaler})
+        assert spec.hires is not None and spec.hires.upscaler == upscaler
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/sdapi/v1/png-info", "/sdapi/v1/sd-vae", "/sdapi/v1/embeddings"} <= set(paths)

@@ -125,6 +125,8 @@ def test_openapi_document(client: TestClient) -> None:
         "/sdapi/v1/refresh-checkpoints",
         "/sdapi/v1/refresh-loras",
         "/sdapi/v1/refresh-vae",
+        "/sdapi/v1/upscalers",
+        "/sdapi/v1/latent-upscale-modes",
     }
     schemas = doc["components"]["schemas"]
     assert {"JobSpec", "JobDetail", "JobSummary", "ImagesPage", "ErrorBody"} <= set(schemas)

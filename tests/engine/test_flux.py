@@ -11,8 +11,15 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from workers.engine.base import BatchRequest, EngineError, ImageRequest, LoraRequest
+from workers.engine.base import (
+    BatchRequest,
+    EngineError,
+    HiresRequest,
+    ImageRequest,
+    LoraRequest,
+)
 
 STEPS = 4
 TOL = 1e-4
@@ -321,6 +328,8 @@ def test_progress_is_told_of_every_step(flux_engine):
         ({"schedule": "Karras"}, "scheduler"),
         ({"width": 30}, "width"),  # a multiple of 2 x the VAE factor (4 here, 16 for Flux.1)
         ({"loras": (LoraRequest("style", "/nowhere/style.safetensors", 1.0),)}, "loras"),
+        ({"init_image": Image.new("RGB", (WIDTH, HEIGHT))}, "init_image"),
+        ({"hires": HiresRequest()}, "hires"),
     ],
 )
 def test_requests_flux_cannot_serve_are_engine_errors(flux_engine, change, field):

@@ -98,3 +98,37 @@ def test_a_job_with_an_init_image_starts_every_image_from_it(
     assert parse_parameters(info["infotexts"][0])["extra"]["Denoising strength"] == "0.3"
     for png, want in zip(answer["images"], started, strict=False):
         assert np.abs(pixels(base64.b64decode(png)) - pixels(want)).max() <= 1
+
+
+def test_a_hires_txt2img_renders_at_the_larger_size(farm: tuple[Cluster, TestClient]) -> None:
+    """``enable_hr`` through ``/sdapi/v1/txt2img`` on the worker: the PNGs at the upscaled
+    size, A1111's hires fields in their parameters after the first pass's Size."""
+    cluster, client = farm
+    body = {
+        "prompt": SPEC["prompt"],
+        "seed": 42,
+        "batch_size": 2,
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "sampler_name": "Euler",
+        "enable_hr": True,
+        "hr_second_pass_steps": 2,
+        "denoising_strength": 0.5,
+        "override_settings": {"sd_model_checkpoint": "tiny"},
+    }
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    pngs = [base64.b64decode(png) for png in answer["images"]]
+    assert [Image.open(io.BytesIO(png)).size for png in pngs] == [(128, 128)] * 2
+    params = parse_parameters(read_parameters(pngs[1]) or "")
+    assert (params["width"], params["height"], params["seed"]) == (64, 64, 43)
+    assert {k: params["extra"][k] for k in ("Denoising strength", "Hires upscale")} == {
+        "Denoising strength": "0.5",
+        "Hires upscale": "2",
+    }
+    assert (params["extra"]["Hires steps"], params["extra"]["Hires upscaler"]) == ("2", "Latent")
+    info = json.loads(answer["info"])
+    assert info["extra_generation_params"]["Hires upscaler"] == "Latent"
+    assert np.abs(pixels(pngs[0]) - pixels(pngs[1])).max() > 1

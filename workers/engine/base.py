@@ -18,7 +18,12 @@ __all__ = [
     "BatchRequest",
     "Engine",
     "EngineError",
+    "HIRES_LATENT_MODES",
+    "HIRES_UPSCALERS",
+    "HiresRequest",
     "ImageRequest",
+    "hires_start",
+    "hires_sizes",
     "img2img_start",
     "LoraError",
     "LoraRequest",
@@ -54,6 +59,93 @@ class LoraRequest:
     weight: float  # its multiplier: 0 leaves the model as it is
 
 
+# A1111's hires upscalers the engines have: the latent ones (``torch.nn.functional.
+# interpolate`` of the first pass's latents: mode, antialias), then the pixel ones (the
+# first pass decoded, resized with PIL, encoded again); ESRGAN and co need weights
+HIRES_LATENT_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+HIRES_PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
+HIRES_UPSCALERS = (*HIRES_LATENT_MODES, *HIRES_PIXEL_UPSCALERS)
+DEFAULT_HIRES_STRENGTH = 0.7  # A1111's txt2img default for the hires pass
+
+
+def hires_sizes(
+    width: int, height: int, scale: float, resize_x: int = 0, resize_y: int = 0
+) -> tuple[int, int, int, int]:
+    """A1111's hires target (``calculate_target_resolution``): ``(upscale_w, upscale_h,
+    final_w, final_h)``. The first pass is upscaled to ``width x height`` times ``scale``
+    (rounded down), or to ``resize_x x resize_y`` (one of them 0: the other from the aspect
+    ratio; both: to cover that box, the latents then cropped to it about the centre). The
+    final size is what the latents hold, so a multiple of 8 (A1111's ``target // 8``)."""
+    if resize_x == 0 and resize_y == 0:
+        to_w, to_h = int(width * scale), int(height * scale)
+        return to_w, to_h, to_w // 8 * 8, to_h // 8 * 8
+    if resize_y == 0:
+        to_w, to_h = resize_x, resize_x * height // width
+    elif resize_x == 0:
+        to_w, to_h = resize_y * width // height, resize_y
+    else:
+        if width / height < resize_x / resize_y:
+            to_w, to_h = resize_x, resize_x * height // width
+        else:
+            to_w, to_h = resize_y * width // height, resize_y
+        crop_w, crop_h = (to_w - resize_x) // 8, (to_h - resize_y) // 8
+        return to_w, to_h, (to_w // 8 - crop_w) * 8, (to_h // 8 - crop_h) * 8
+    return to_w, to_h, to_w // 8 * 8, to_h // 8 * 8
+
+
+def hires_start(steps: int, denoising_strength: float) -> tuple[int, int]:
+    """The hires pass's schedule, A1111's (``setup_img2img_steps`` with the steps given,
+    as the hires pass gives them whatever ``img2img_fix_steps``): ``(full, start)``, a
+    schedule of ``full = int(steps / min(strength, 0.999))`` steps sampled from
+    ``sigmas[start:]``, ``start = full - steps``: exactly ``steps`` steps."""
+    full = int(steps / min(denoising_strength, 0.999))
+    return full, full - steps
+
+
+@dataclass(frozen=True)
+class HiresRequest:
+    """A1111's hires fix: after the txt2img pass at the batch's size, its latents are
+    upscaled (``upscaler``) to ``hires_sizes`` and sampled again as img2img over the tail
+    of a schedule (``hires_start``) from fresh noise of each image's seed."""
+
+    scale: float = 2.0
+    resize_x: int = 0  # 0 and 0: from scale
+    resize_y: int = 0
+    upscaler: str = "Latent"  # one of HIRES_UPSCALERS
+    steps: int = 0  # 0: the first pass's steps
+    denoising_strength: float = DEFAULT_HIRES_STRENGTH
+
+    def sizes(self, width: int, height: int) -> tuple[int, int, int, int]:
+        return hires_sizes(width, height, self.scale, self.resize_x, self.resize_y)
+
+    def validate(self, width: int, height: int, multiple: int = 8) -> None:
+        if self.upscaler not in HIRES_UPSCALERS:
+            raise EngineError(
+                f"hires.upscaler: {self.upscaler!r} is not one of {', '.join(HIRES_UPSCALERS)}"
+            )
+        if not 1 <= self.scale <= 4:
+            raise EngineError(f"hires.scale: {self.scale} must be between 1 and 4")
+        for field, value in (("resize_x", self.resize_x), ("resize_y", self.resize_y)):
+            if value < 0 or value % multiple:
+                raise EngineError(f"hires.{field}: {value} is not 0 or a multiple of {multiple}")
+        if self.steps < 0:
+            raise EngineError(f"hires.steps: {self.steps} must be >= 0 (0: the same as steps)")
+        if not 0 < self.denoising_strength <= 1:
+            raise EngineError(
+                f"hires.denoising_strength: {self.denoising_strength} must be above 0, at most 1"
+            )
+        _, _, w, h = self.sizes(width, height)
+        if w < multiple or h < multiple:
+            raise EngineError(f"hires: the upscaled size {w}x{h} is too small")
+
+
 @dataclass(frozen=True)
 class BatchRequest:
     images: tuple[ImageRequest, ...]  # one batch; prompts and seeds may differ per image
@@ -72,6 +164,9 @@ class BatchRequest:
     # (A1111's img2img); an engine that can do it has ``takes_init_image = True``
     init_image: Image.Image | None = None
     denoising_strength: float = 0.75
+    # hires fix (txt2img only): the images come out at ``hires.sizes(width, height)``; an
+    # engine that can do it has ``takes_hires = True``
+    hires: HiresRequest | None = None
 
     def validate(self, multiple: int = 8) -> None:
         """Raise EngineError naming the bad field and the allowed range."""
@@ -95,6 +190,10 @@ class BatchRequest:
                 raise EngineError(
                     f"denoising_strength: {self.denoising_strength} must be above 0, at most 1"
                 )
+        if self.hires is not None:
+            if self.init_image is not None:
+                raise EngineError("hires: a hires fix is for txt2img, not with an init_image")
+            self.hires.validate(self.width, self.height, multiple)
         try:
             resolve_schedule(self.sampler_name, self.scheduler)
         except ValueError as exc:

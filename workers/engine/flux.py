@@ -492,6 +492,10 @@ class FluxEngine(TorchEngine):
             )
         if getattr(batch, "loras", ()):
             raise EngineError("loras: the Flux engine takes no LoRA yet")
+        if batch.init_image is not None:
+            raise EngineError("init_image: the Flux engine does not start from a picture")
+        if batch.hires is not None:
+            raise EngineError("hires: the Flux engine has no hires fix")
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:

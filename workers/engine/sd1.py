@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,13 @@ from PIL import Image
 from torch import Tensor
 
 from workers.engine.base import (
+    HIRES_LATENT_MODES,
     BatchRequest,
     EngineError,
     LoraRequest,
     Progress,
     TorchEngine,
+    hires_start,
     img2img_start,
 )
 from workers.engine.lora import MergedLoras, module_index
@@ -235,11 +237,15 @@ class ContextKVCache:
 class UNetEngine(TorchEngine):
     """What the SD1 and SDXL engines share: a UNet whose LoRA layers kohya files name by
     their diffusers or original-layout names, LoRAs merged before each batch, and img2img
-    (``takes_init_image``) from the picture's VAE latent on the tail of the schedule. An
-    engine has ``unet``, ``vae``, ``loras`` (a MergedLoras), ``sigmas(batch)`` and
-    ``encode_image(picture)``."""
+    (``takes_init_image``) from the picture's VAE latent on the tail of the schedule, and
+    A1111's hires fix (``takes_hires``): a second, img2img-like pass over the upscaled
+    first one. An engine has ``unet``, ``vae``, ``vae_scale_factor``, ``loras`` (a
+    MergedLoras), ``sigmas(batch)``, ``generators(batch)``, ``encode_image(picture)``,
+    ``decode(latents)`` and ``denoise(batch, x, gens, sigmas, progress, size)``."""
 
     takes_init_image = True  # img2img: BatchRequest.init_image
+    takes_hires = True  # hires fix: BatchRequest.hires
+    vae_scale_factor: int
     unet: Any
     loras: MergedLoras
 
@@ -288,6 +294,82 @@ class UNetEngine(TorchEngine):
         if batch.init_image is None:
             return sigmas
         return img2img_sigmas(sigmas, batch.denoising_strength)
+
+    def generators(self, batch: BatchRequest) -> list[torch.Generator]:
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> list[Image.Image]:
+        raise NotImplementedError
+
+    def denoise(self, batch: BatchRequest, x: Tensor, gens: list[torch.Generator],
+                sigmas: Tensor, progress: Progress | None = None,
+                size: tuple[int, int] | None = None) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ hires fix
+
+    def hires_batch(self, batch: BatchRequest) -> BatchRequest:
+        """The second pass as a batch of its own: the final size, the hires steps (0: the
+        first pass's) and strength, no hires; its ``steps`` are the full schedule's
+        (``hires_start``) of which it samples the last ``hires.steps``."""
+        hr = batch.hires
+        assert hr is not None
+        _, _, width, height = hr.sizes(batch.width, batch.height)
+        full, _ = hires_start(hr.steps or batch.steps, hr.denoising_strength)
+        return replace(batch, width=width, height=height, steps=full, hires=None,
+                       denoising_strength=hr.denoising_strength)
+
+    def hires_schedule(self, batch: BatchRequest) -> Tensor:
+        """The sigmas the hires pass samples over: the tail of ``hires_start``."""
+        hr = batch.hires
+        assert hr is not None
+        _, start = hires_start(hr.steps or batch.steps, hr.denoising_strength)
+        return self.sigmas(self.hires_batch(batch))[start:]
+
+    @torch.no_grad()
+    def hires_upscale(self, batch: BatchRequest, latents: Tensor) -> Tensor:
+        """The first pass's latents at the hires size, as A1111 upscales them: a latent
+        upscaler interpolates them (``HIRES_LATENT_MODES``), a pixel one decodes each
+        image, resizes it with PIL ("None" and "Lanczos": Lanczos, "Nearest": nearest)
+        and encodes it again (the VAE latent's mean, as img2img); then the crop to the
+        box of ``resize_x x resize_y`` when both are given. Each image on its
+        own, so an image does not depend on its batch."""
+        hr = batch.hires
+        assert hr is not None
+        to_w, to_h, width, height = hr.sizes(batch.width, batch.height)
+        f = self.vae_scale_factor
+        if hr.upscaler in HIRES_LATENT_MODES:
+            mode, antialias = HIRES_LATENT_MODES[hr.upscaler]
+            x = torch.nn.functional.interpolate(latents.float(), size=(to_h // f, to_w // f),
+                                                mode=mode, antialias=antialias)
+        else:
+            resample = (Image.Resampling.NEAREST if hr.upscaler == "Nearest"
+                        else Image.Resampling.LANCZOS)
+            pictures = [self.decode(z[None])[0].resize((to_w, to_h), resample)
+                        for z in latents]
+            x = torch.cat([self.encode_image(p) for p in pictures])
+        crop_w, crop_h = x.shape[3] - width // f, x.shape[2] - height // f
+        return x[:, :, crop_h // 2:x.shape[2] - (crop_h + 1) // 2,
+                 crop_w // 2:x.shape[3] - (crop_w + 1) // 2]
+
+    @torch.no_grad()
+    def hires_pass(self, batch: BatchRequest, latents: Tensor,
+                   progress: Progress | None = None) -> Tensor:
+        """A1111's second pass over the first pass's final latents: upscaled, noised with
+        a fresh generator per image seeded with its seed (A1111 makes a new RNG of the
+        same seeds at the new shape), which then gives its ancestral noise, and sampled
+        over the hires schedule's tail at the final size (SDXL's size conditioning: the
+        upscaled size before a crop, as A1111's)."""
+        hr = batch.hires
+        assert hr is not None
+        to_w, to_h, _, _ = hr.sizes(batch.width, batch.height)
+        second = self.hires_batch(batch)
+        x0 = self.hires_upscale(batch, latents).to(self.device, torch.float32)
+        sigmas = self.hires_schedule(batch).to(self.device)
+        gens = self.generators(second)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+        x = x0 + noise.to(self.device) * sigmas[0]
+        return self.denoise(second, x, gens, sigmas, progress, (to_h, to_w))
 
 
 class SD1Engine(UNetEngine):
@@ -440,6 +522,17 @@ class SD1Engine(UNetEngine):
         sigmas = self.schedule(batch).to(self.device)
         x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents
         x = x.to(self.device, torch.float32)
+        out = self.denoise(batch, x, gens, sigmas, progress)
+        if batch.hires is not None:
+            out = self.hires_pass(batch, out, progress)
+        return out
+
+    @torch.no_grad()
+    def denoise(self, batch: BatchRequest, x: Tensor, gens: list[torch.Generator],
+                sigmas: Tensor, progress: Progress | None = None,
+                size: tuple[int, int] | None = None) -> Tensor:
+        """Sample ``x`` (at ``sigmas[0]``) over ``sigmas`` with the batch's prompts;
+        ``gens`` give the ancestral noise (``size`` is SDXL's, unused here)."""
         # a prompt (or negative prompt) over 75 tokens takes more chunks of context. Images
         # are sampled in groups of one chunk count, so an image's context, and so the image,
         # never depends on the prompts it shares a batch with

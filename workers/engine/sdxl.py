@@ -367,9 +367,10 @@ class SDXLEngine(UNetEngine):
         pooled = out_g.text_embeds.reshape(len(per), n, -1)[:, 0]
         return context, pooled
 
-    def time_ids(self, batch: BatchRequest) -> Tensor:
-        """SDXL's size conditioning: original size, crop top-left, target size, as (h, w)."""
-        h, w = batch.height, batch.width
+    def time_ids(self, batch: BatchRequest, size: tuple[int, int] | None = None) -> Tensor:
+        """SDXL's size conditioning: original size, crop top-left, target size, as (h, w):
+        ``size`` or the batch's."""
+        h, w = size or (batch.height, batch.width)
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
 
     def sigmas(self, batch: BatchRequest) -> Tensor:
@@ -458,7 +459,25 @@ class SDXLEngine(UNetEngine):
         sigmas = self.schedule(batch).to(self.device)  # sampler arithmetic in float32
         x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents
         x = x.to(self.device, torch.float32)
-        time_ids = self.time_ids(batch)
+        out = self.denoise(batch, x, gens, sigmas, progress)
+        if batch.hires is not None:
+            out = self.hires_pass(batch, out, progress)
+        return out
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        batch: BatchRequest,
+        x: Tensor,
+        gens: list[torch.Generator],
+        sigmas: Tensor,
+        progress: Progress | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Sample ``x`` (at ``sigmas[0]``) over ``sigmas`` with the batch's prompts; ``gens``
+        give the ancestral noise. ``size`` (height, width) is the size conditioning, the
+        batch's own if None (the hires pass gives its upscaled size)."""
+        time_ids = self.time_ids(batch, size)
         # as in SD1: images are sampled in groups of one chunk count, so that an image never
         # depends on the prompts it shares a batch with
         pos = [self.prompt_chunks(r.prompt) for r in batch.images]
