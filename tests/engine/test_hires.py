@@ -8,9 +8,6 @@ parameters."""
 from __future__ import annotations
 
 import io
-import threading
-from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import pytest
@@ -18,8 +15,8 @@ import torch
 from PIL import Image
 
 from farm.spec import HiresSpec, ImageParams
-from storage import LocalStore
 from storage.png import parse_parameters, read_parameters
+from tests.engine.render_stub import runtime
 from workers.engine.base import (
     BatchRequest,
     EngineError,
@@ -29,8 +26,6 @@ from workers.engine.base import (
     hires_start,
 )
 from workers.render import _render_images
-from workers.runtime import Stats
-from workers.watchdog import Watchdog
 
 PROMPT = "a yellow square on a green background"
 
@@ -234,35 +229,6 @@ def test_sdxl_renders_hires(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- the render task
-
-
-class Ledger:
-    def __init__(self) -> None:
-        self.errors: list[dict[str, Any]] = []
-        self.marked: list[tuple[list[int], bool]] = []
-
-    def record_error(self, job_id: str, task_no: int, indices: list[int], **kw: Any) -> None:
-        self.errors.append({"images": indices, **kw})
-
-    def mark(self, job_id: str, indices: list[int], ok: bool) -> None:
-        self.marked.append((indices, ok))
-
-
-def runtime(tmp_path, engine: Any) -> SimpleNamespace:
-    return SimpleNamespace(
-        name="w1",
-        engine_for=lambda model: engine,
-        store=LocalStore(tmp_path / "store"),
-        config=SimpleNamespace(storage_wait=0.5),
-        stopping=threading.Event(),
-        watchdog=Watchdog(0),
-        ledger=Ledger(),
-        stats=Stats(),
-        failures=[],
-        record_failure=lambda model: None,
-        current_task="job/0",
-        engine_model=None,
-    )
 
 
 def image_params(index: int, hires: HiresSpec) -> ImageParams:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,10 +18,9 @@ from PIL import Image, ImageDraw
 from farm.spec import ImageParams
 from storage import LocalStore
 from storage.keys import input_key
+from tests.engine.render_stub import runtime
 from workers.engine.base import BatchRequest, EngineError, ImageRequest, img2img_start
 from workers.render import InputPictures, _render_images, fit_picture
-from workers.runtime import Stats
-from workers.watchdog import Watchdog
 
 PROMPT = "a yellow square on a green background"
 
@@ -176,37 +173,6 @@ def test_sdxl_renders_img2img(tmp_path):
 
 
 # ---------------------------------------------------------------- the render task
-
-
-class Ledger:
-    """What _render_images tells the ledger, recorded."""
-
-    def __init__(self) -> None:
-        self.errors: list[dict[str, Any]] = []
-        self.marked: list[tuple[list[int], bool]] = []
-
-    def record_error(self, job_id: str, task_no: int, indices: list[int], **kw: Any) -> None:
-        self.errors.append({"images": indices, **kw})
-
-    def mark(self, job_id: str, indices: list[int], ok: bool) -> None:
-        self.marked.append((indices, ok))
-
-
-def runtime(tmp_path, engine: Any) -> SimpleNamespace:
-    return SimpleNamespace(
-        name="w1",
-        engine_for=lambda model: engine,
-        store=LocalStore(tmp_path / "store"),
-        config=SimpleNamespace(storage_wait=0.5),
-        stopping=threading.Event(),
-        watchdog=Watchdog(0),
-        ledger=Ledger(),
-        stats=Stats(),
-        failures=[],
-        record_failure=lambda model: None,
-        current_task="job/0",
-        engine_model=None,
-    )
 
 
 def image_params(index: int, sha: str) -> ImageParams:
