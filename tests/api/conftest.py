@@ -35,6 +35,14 @@ LIMITS: dict[str, Any] = {
 }
 
 
+def fields(r: Any) -> list[str]:
+    """The fields a 422 names, each with a message."""
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, list) and all(d["msg"] for d in detail), detail
+    return [d["field"] for d in detail]
+
+
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:

@@ -20,15 +20,9 @@ from farm.models import ModelEntry, ModelRegistry
 from farm.spec import JobSpec, Plan
 from farm.workers_registry import WorkerRegistry
 from storage import LocalStore
+from tests.api.conftest import fields
 
 SD = {"override_settings": {"sd_model_checkpoint": "sd"}}
-
-
-def fields(r: Any) -> list[str]:
-    assert r.status_code == 422, r.text
-    detail = r.json()["detail"]
-    assert isinstance(detail, list) and all(d["msg"] for d in detail), detail
-    return [d["field"] for d in detail]
 
 
 @pytest.fixture

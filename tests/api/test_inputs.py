@@ -28,6 +28,7 @@ from farm.spec import JobSpec, Plan
 from farm.workers_registry import WorkerRegistry
 from storage import LocalStore
 from storage.keys import input_key
+from tests.api.conftest import fields
 
 MODEL = "override_settings.sd_model_checkpoint"
 SD = {"override_settings": {"sd_model_checkpoint": "sd"}}
@@ -41,13 +42,6 @@ def picture_bytes(size=(40, 24), fmt="PNG", colour=(200, 30, 30), mode="RGB") ->
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def fields(r: Any) -> list[str]:
-    assert r.status_code == 422, r.text
-    detail = r.json()["detail"]
-    assert isinstance(detail, list) and all(d["msg"] for d in detail), detail
-    return [d["field"] for d in detail]
 
 
 @pytest.fixture

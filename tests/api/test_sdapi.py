@@ -29,7 +29,7 @@ from farm.models import ModelEntry, ModelRegistry
 from farm.spec import MAX_SEED, JobSpec, Plan
 from farm.workers_registry import WorkerRegistry
 from storage import LocalStore
-from tests.api.conftest import LIMITS
+from tests.api.conftest import LIMITS, fields
 from workers.engine.names import SAMPLERS, SCHEDULES
 
 SHA = "0123456789abcdef" * 4
@@ -62,13 +62,6 @@ def worker(redis_client: redis.Redis, config: Config) -> str:
 
 def ledger(client: redis.Redis, config: Config) -> Ledger:
     return Ledger(client, config.namespace)
-
-
-def fields(r: Any) -> list[str]:
-    assert r.status_code == 422, r.text
-    detail = r.json()["detail"]
-    assert isinstance(detail, list) and all(d["msg"] for d in detail), detail
-    return [d["field"] for d in detail]
 
 
 def timed_out_job(client: TestClient, body: dict[str, Any]) -> dict[str, Any]:

@@ -33,3 +33,16 @@ def engine(tiny_path):
     from workers.engine.loader import load_engine
 
     return load_engine(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module on a tiny model (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    its tensors are too small to share among threads, so one thread is faster and does not
+    slow to a crawl when other processes hold the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,13 +28,7 @@ IMAGES = (ImageRequest("a photo of a cat", "blurry", 3), ImageRequest("a red car
 ENV = "FARM_FLUX_T5_TOKENIZER"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster and not slowed by other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ from workers.render import _render_images
 PROMPT = "a yellow square on a green background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hires_batch(images, hires=None, sampler="Euler", steps=2, width=32, height=32, cfg=5.0):

@@ -25,13 +25,7 @@ from workers.render import InputPictures, _render_images, fit_picture
 PROMPT = "a yellow square on a green background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def circle(size: int = 64) -> Image.Image:

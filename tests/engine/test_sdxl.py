@@ -33,14 +33,7 @@ LONG = ", ".join(f"{w} detail" for w in ["fine", "sharp", "soft", "warm", "cold"
 OPEN_CLIP = "conditioner.embedders.1.model."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are too small to share among threads: one thread is faster
-    and does not slow to a crawl when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

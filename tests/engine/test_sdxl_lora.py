@@ -53,13 +53,7 @@ Layer = tuple[str, str]
 Factors = dict[Layer, tuple[torch.Tensor, torch.Tensor, float]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model's tensors are too small to share among threads (see test_sdxl.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
