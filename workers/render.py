@@ -284,14 +284,7 @@ def hires_request(p: ImageParams) -> HiresRequest | None:
     hr = p.hires
     if hr is None:
         return None
-    return HiresRequest(
-        scale=hr.scale,
-        resize_x=hr.resize_x,
-        resize_y=hr.resize_y,
-        upscaler=hr.upscaler,
-        steps=hr.steps,
-        denoising_strength=hr.denoising_strength,
-    )
+    return HiresRequest(**hr.model_dump())  # the same fields
 
 
 def hires_parameters(p: ImageParams) -> dict[str, Any]:

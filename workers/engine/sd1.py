@@ -277,8 +277,16 @@ class UNetEngine(TorchEngine):
     def sigmas(self, batch: BatchRequest) -> Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
     def encode_image(self, image: Image.Image) -> Tensor:
-        raise NotImplementedError
+        """img2img's x0: the VAE's latent of a picture (1, channels, h/8, w/8), float32,
+        times the scaling factor, the VAE in its own dtype (SDXL's stays float32). The mean
+        of the VAE's latent distribution, not a draw from it (A1111 draws, from the global
+        RNG), so an image depends on its seed only through its noise and is the same in
+        any batch."""
+        pixels = picture_tensor(image).to(self.device, self.vae.dtype)
+        latent = self.vae.encode(pixels).latent_dist.mean.float()
+        return latent * self.vae.config.scaling_factor
 
     def initial_x(self, batch: BatchRequest, noise: Tensor, sigmas: Tensor) -> Tensor:
         """x at ``sigmas[0]``: the noise times it, or img2img's encoded picture plus that
@@ -496,16 +504,6 @@ class SD1Engine(UNetEngine):
 
         return DiscreteEpsDenoiser(eps, self.alphas_cumprod, quantize=self.quantize,
                                    prediction_type=self.prediction_type)
-
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> Tensor:
-        """img2img's x0: the VAE's latent of a picture (1, channels, h/8, w/8), float32,
-        times the scaling factor. The mean of the VAE's latent distribution, not a draw
-        from it (A1111 draws, from the global RNG), so an image depends on its seed only
-        through its noise and is the same in any batch."""
-        pixels = picture_tensor(image).to(self.device, self.dtype)
-        latent = self.vae.encode(pixels).latent_dist.mean.float()
-        return latent * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def sample_latents(self, batch: BatchRequest, initial_latents: Tensor | None = None,

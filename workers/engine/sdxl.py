@@ -50,7 +50,6 @@ from workers.engine.sd1 import (
     chunk_weights,
     emphasize,
     load_tokenizer,
-    picture_tensor,
     run_sampler,
 )
 from workers.engine.sd1 import import_libraries as sd1_libraries
@@ -432,14 +431,6 @@ class SDXLEngine(UNetEngine):
         return DiscreteEpsDenoiser(
             eps, self.alphas_cumprod, quantize=self.quantize, prediction_type=self.prediction_type
         )
-
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> Tensor:
-        """img2img's x0 as SD1's (``SD1Engine.encode_image``: the latent distribution's
-        mean times the scaling factor), the VAE in float32 as for decoding."""
-        pixels = picture_tensor(image).to(self.device, torch.float32)
-        latent = self.vae.encode(pixels).latent_dist.mean.float()
-        return latent * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def sample_latents(
