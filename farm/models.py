@@ -153,6 +153,9 @@ _ENCODER_WIDTHS = {768: "sd1", 1024: "sd2"}
 # model, its own schedule, sizes in whole 2x2 patches of latents
 FLUX_LIMITS = {"sampler_name": ("Euler",), "scheduler": ("Automatic", "Uniform")}
 FLUX_SIZE_MULTIPLE = 16
+# a Flux job's settings where it leaves them out (the spec's own defaults are SD's): its
+# one sampler, and the distilled guidance Forge starts at
+FLUX_DEFAULTS: dict[str, Any] = {"sampler_name": "Euler", "cfg_scale": 3.5}
 
 
 def family_problems(engine: str, settings: dict[str, Any]) -> list[tuple[str, str]]:

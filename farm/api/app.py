@@ -37,6 +37,7 @@ from farm.api.schemas import (
 from farm.config import Config
 from farm.jobs import ERROR_STAGES, ERRORS_KEPT, STATES, JobNotFound, JobRecord, Ledger
 from farm.models import (
+    FLUX_DEFAULTS,
     LORA,
     LORA_ENGINES,
     ModelEntry,
@@ -152,6 +153,17 @@ class Farm:
         self.check_loras(spec)
         self.check_families(spec)
 
+    def with_family_defaults(self, spec: JobSpec) -> JobSpec:
+        """The spec with the settings it leaves out set to its models' family defaults
+        where those differ from the spec's own (a Flux job samples with Euler at guidance
+        3.5, not Euler a at 7), when all its models are of that family."""
+        names = dict.fromkeys([spec.model, *spec.sweep.get("model", [])])
+        engines = {e.engine if (e := self.models.get(n)) else None for n in names}
+        if engines != {"flux"}:
+            return spec
+        unset = {k: v for k, v in FLUX_DEFAULTS.items() if k not in spec.model_fields_set}
+        return spec.model_copy(update=unset) if unset else spec
+
     def check_families(self, spec: JobSpec) -> None:
         """Each setting of the job fits the family of each of its models (a Flux model
         samples with Euler only, say); FieldError naming the setting, or its sweep value."""
@@ -228,6 +240,7 @@ def create_app(
     def submit(spec: JobSpec) -> Response:
         check_encodable(spec.model_dump())
         farm.check_output_prefix(spec)
+        spec = farm.with_family_defaults(spec)
         farm.check_models(spec)
         inputs.check_init_image(farm, spec)  # img2img: the picture is stored
         inputs.check_hires(farm, spec)  # hires fix: SD1 and SDXL models only

@@ -58,7 +58,7 @@ from farm.api.errors import (
 )
 from farm.api.schemas import BODY_ERRORS, ERRORS, ErrorBody
 from farm.jobs import TERMINAL, JobNotFound, JobRecord
-from farm.models import LORA, LORA_ENGINES, ModelEntry, ModelRegistry, no_loras
+from farm.models import FLUX_DEFAULTS, LORA, LORA_ENGINES, ModelEntry, ModelRegistry, no_loras
 from farm.spec import DEFAULT_DENOISING_STRENGTH, JobSpec, Plan
 from storage.keys import image_key
 from storage.png import infotext_fields, read_parameters
@@ -143,6 +143,11 @@ class SdapiRequest(BaseModel):
     n_iter: int | None = Field(1, description="batches; batch_size x n_iter images in all")
     steps: int | None = 50
     cfg_scale: float | None = 7.0
+    distilled_cfg_scale: float | None = Field(
+        None,
+        description="Forge's guidance of a Flux model (3.5 when neither it nor cfg_scale is "
+        "given); other models ignore it",
+    )
     width: int | None = 512
     height: int | None = 512
     restore_faces: bool | None = Field(None, description="refused if true")
@@ -383,6 +388,18 @@ def _schedule(name: str) -> str | None:
         if low in (label.lower(), label.lower().replace(" ", "_")):
             return label
     return None
+
+
+def cfg_scale(body: SdapiRequest, entry: ModelEntry | None) -> float:
+    """The job's ``cfg_scale``: the request's, or A1111's 7. A Flux model's is its distilled
+    guidance: Forge's ``distilled_cfg_scale``, else a ``cfg_scale`` the client sent, else
+    Forge's 3.5 (Forge would also run a real CFG at a cfg_scale above 1; the farm does not)."""
+    given = body.cfg_scale if "cfg_scale" in body.model_fields_set else None
+    if entry is not None and entry.engine == "flux":
+        if body.distilled_cfg_scale is not None:
+            return body.distilled_cfg_scale
+        return FLUX_DEFAULTS["cfg_scale"] if given is None else given
+    return 7.0 if body.cfg_scale is None else body.cfg_scale
 
 
 def sampler_and_schedule(body: SdapiRequest, bad: Callable[[str, str], None]) -> tuple[str, str]:
@@ -771,7 +788,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         "width": 512 if body.width is None else body.width,
         "height": 512 if body.height is None else body.height,
         "steps": 50 if body.steps is None else body.steps,
-        "cfg_scale": 7.0 if body.cfg_scale is None else body.cfg_scale,
+        "cfg_scale": cfg_scale(body, entry),
         "sampler_name": sampler,
         "scheduler": schedule,
         "batch_size": max(1, batch),

@@ -108,3 +108,39 @@ def test_the_a1111_api_refuses_them_too(
         "/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler", "width": 64, "height": 64}
     )
     assert r.status_code == 504, r.text  # accepted; no worker renders it in 0.3 s
+
+
+def test_a_flux_job_that_leaves_sampler_and_guidance_out_gets_fluxs(
+    client: TestClient, flux: ModelEntry
+) -> None:
+    """The spec's defaults (Euler a, cfg 7) are SD's: a Flux job without them samples with
+    Euler at the distilled guidance 3.5; one that names them keeps them, or gets the 422."""
+    r = client.post("/v1/jobs", json={"model": "flux", "prompt": "a fox", "width": 64})
+    assert r.status_code == 201, r.text
+    assert (r.json()["spec"]["sampler_name"], r.json()["spec"]["cfg_scale"]) == ("Euler", 3.5)
+    r = client.post("/v1/jobs", json={**OK, "cfg_scale": 5})
+    assert r.json()["spec"]["cfg_scale"] == 5
+    sd = client.post("/v1/jobs", json={"model": "sd", "prompt": "a fox"})
+    assert (sd.json()["spec"]["sampler_name"], sd.json()["spec"]["cfg_scale"]) == ("Euler a", 7)
+    # a sweep over an SD1 and a Flux model has no one family default: the 422 stays
+    r = client.post(
+        "/v1/jobs", json={"model": "sd", "prompt": "a", "sweep": {"model": ["sd", "flux"]}}
+    )
+    assert r.status_code == 422 and "does not render a Flux model" in r.text
+
+
+@pytest.mark.parametrize(
+    ("sent", "guidance"),
+    [({}, 3.5), ({"cfg_scale": 6}, 6), ({"cfg_scale": 1, "distilled_cfg_scale": 2.5}, 2.5)],
+)
+def test_the_a1111_api_takes_forges_distilled_guidance_for_flux(
+    sent: dict[str, Any], guidance: float, config: Config, redis_client: redis.Redis,
+    store: LocalStore, flux: ModelEntry,
+) -> None:  # fmt: skip
+    WorkerRegistry(redis_client, config.namespace).publish("w1", {"device": "cpu"}, ttl=60)
+    app = create_app(replace(config, sdapi_timeout=0.2), redis_client=redis_client, store=store)
+    body = {"prompt": "a fox", "width": 64, "height": 64, **sent}
+    body["override_settings"] = {"sd_model_checkpoint": "flux"}
+    assert TestClient(app).post("/sdapi/v1/txt2img", json=body).status_code == 504
+    (job,) = Ledger(redis_client, config.namespace).list()
+    assert job.spec.cfg_scale == guidance

@@ -195,7 +195,6 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("override_settings.sd_vae", {"override_settings": {"sd_vae": "vae-ft-mse.safetensors"}}),
     ("override_settings.eta_ancestral", {"override_settings": {"eta_ancestral": 0.5}}),
     ("hr_cfg", {"hr_cfg": 1.0}),  # not an A1111 field (Forge's): unknown, so refused
-    ("distilled_cfg_scale", {"distilled_cfg_scale": 3.5}),
 ]  # fmt: skip
 
 
