@@ -58,7 +58,13 @@ def ensure_default_model(config: Config, client: redis.Redis) -> ModelEntry:
 def register_model(config: Config, client: redis.Redis, path: Path, name: str) -> ModelEntry:
     """Put a checkpoint or a LoRA into storage under its sha256 and register ``name`` for
     it (a LoRA is told by its tensor names and registered with the engine ``lora``)."""
-    from farm.models import LORA, flux_missing_parts, lora_family, probe_engine
+    from farm.models import (
+        LORA,
+        flux_missing_parts,
+        lora_family,
+        probe_engine,
+        unet_input_problem,
+    )
 
     engine = probe_engine(path)
     if engine not in ("sd1", "sdxl", "flux", LORA):
@@ -71,6 +77,8 @@ def register_model(config: Config, client: redis.Redis, path: Path, name: str) -
             "farm reads Flux as one file holding the transformer, both text encoders and the "
             "VAE (the checkpoint layout Forge and ComfyUI load), not BFL's transformer alone"
         )
+    if engine in ("sd1", "sdxl") and (problem := unet_input_problem(path)):
+        raise ValueError(f"{path}: {problem}")
     store = ModelStore(open_store(config.storage_url), config.model_cache)
     blob = store.add(path)
     return ModelRegistry(client, config.namespace).add(
