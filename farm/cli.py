@@ -263,8 +263,14 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
         from farm.stack import register_model
 
         entry = register_model(config, client, Path(args.path), args.name)
-        kind = "LoRA" if entry.engine == "lora" else "model"
-        print(f"{kind} {entry.name}: {entry.engine}, sha256 {entry.sha256}, {entry.size} bytes")
+        if entry.engine == "embedding":
+            print(
+                f"embedding {entry.name}: {entry.family}, {entry.vectors} vectors, sha256 "
+                f"{entry.sha256}, {entry.size} bytes"
+            )
+        else:
+            kind = "LoRA" if entry.engine == "lora" else "model"
+            print(f"{kind} {entry.name}: {entry.engine}, sha256 {entry.sha256}, {entry.size} bytes")
         return 0
     for entry in ModelRegistry(client, config.namespace).list():
         sha = entry.sha256[:12] if entry.sha256 else "-"
@@ -483,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("models", help="manage models")
     msub = sp.add_subparsers(dest="models_cmd", required=True)
-    ap = msub.add_parser("add", help="store a checkpoint or a LoRA and register a name for it")
+    ap = msub.add_parser(
+        "add", help="store a checkpoint, a LoRA or an embedding and register a name for it"
+    )
     ap.add_argument("path")
     ap.add_argument("--name", required=True)
     msub.add_parser("list", help="list registered models")

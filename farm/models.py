@@ -3,7 +3,9 @@
 The blobs live in object storage (``storage.models``); this module only maps names to
 them. The model ``synthetic`` is built in: it needs no checkpoint and renders a solid
 image at once, for load-testing a farm's plumbing. A LoRA is registered the same way,
-with the engine ``lora``: it renders nothing on its own, a job lists it in ``loras``.
+with the engine ``lora``: it renders nothing on its own, a job lists it in ``loras``. A
+textual-inversion embedding is registered with the engine ``embedding``: a prompt uses it
+by its name (``farm.embeddings``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import redis
 SYNTHETIC = "synthetic"
 LORA = "lora"  # the engine of a LoRA file: merged into a checkpoint's weights by a job
 LORA_ENGINES = ("sd1", "sdxl")  # the engines of the checkpoints a LoRA can be merged into
+EMBEDDING = "embedding"  # the engine of a textual-inversion embedding: prompts name it
+ADDONS = (LORA, EMBEDDING)  # entries that are no checkpoint: a job cannot name them as model
 # key endings of the LoRA layouts the engine reads (workers.engine.lora), and of LyCORIS
 # kinds it does not
 _LORA_KEYS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
@@ -30,13 +34,34 @@ _LYCORIS_KEYS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".oft_blocks", ".oft_di
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    engine: str  # "sd1" (a checkpoint the diffusion engine loads), "lora" or "synthetic"
+    # "sd1", "sdxl", "flux" (a checkpoint the diffusion engine loads), "synthetic", or an
+    # add-on: "lora", "embedding"
+    engine: str
     sha256: str = ""
     size: int = 0
     key: str = ""
     added_at: float = 0.0
-    # a LoRA's: the family of the models it was made for, when its file tells (lora_family)
+    # a LoRA's or an embedding's: the family of the models it was made for, when its file
+    # tells (lora_family; an embedding's always does)
     family: str = ""
+    # an embedding's: its vectors (the prompt positions it takes), and the sha256 of the
+    # file as it was added (before its conversion to safetensors: A1111's "TI hashes")
+    vectors: int = 0
+    source_sha256: str = ""
+
+    @property
+    def is_checkpoint(self) -> bool:
+        """A model a job can name (not a LoRA or an embedding)."""
+        return self.engine not in ADDONS
+
+    @property
+    def kind(self) -> str:
+        """What it is, in words: "a LoRA", "an embedding", "a checkpoint (sd1)"."""
+        if self.engine == LORA:
+            return "a LoRA"
+        if self.engine == EMBEDDING:
+            return "a textual-inversion embedding"
+        return f"a checkpoint ({self.engine})"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,11 +110,14 @@ class ModelRegistry:
         return [SYNTHETIC_ENTRY, *sorted(entries, key=lambda e: e.name)]
 
     def checkpoints(self) -> list[ModelEntry]:
-        """The entries a job can name as its ``model``: all but the LoRAs."""
-        return [e for e in self.list() if e.engine != LORA]
+        """The entries a job can name as its ``model``: all but the LoRAs and embeddings."""
+        return [e for e in self.list() if e.is_checkpoint]
 
     def loras(self) -> list[ModelEntry]:
         return [e for e in self.list() if e.engine == LORA]
+
+    def embeddings(self) -> list[ModelEntry]:
+        return [e for e in self.list() if e.engine == EMBEDDING]
 
     def remove(self, name: str) -> bool:
         return bool(self.r.hdel(self.key, name))

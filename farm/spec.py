@@ -38,6 +38,7 @@ from workers.engine.names import SAMPLERS, SCHEDULES
 
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 8  # LoRAs of one job
+MAX_EMBEDDINGS = 32  # textual-inversion embeddings of one job
 MAX_LORA_WEIGHT = 5.0  # |weight| of a LoRA (slider LoRAs go to about 5)
 MAX_HIRES_SCALE = 4.0  # A1111's slider goes to 4
 SWEEPABLE = (
@@ -75,6 +76,11 @@ def _check_model(v: Any) -> str:
     if not isinstance(v, str) or not _MODEL_RE.fullmatch(v):
         raise ValueError("must be a model name: letters, digits, '.', '_', '-' (1-128 chars)")
     return v
+
+
+def check_model_name(name: str) -> str:
+    """A name a job can give a model, LoRA or embedding by; ValueError saying the rule."""
+    return _check_model(name)
 
 
 def _encodable(v: str) -> str:
@@ -308,6 +314,12 @@ class JobSpec(BaseModel):
         default_factory=list,
         description=f"LoRAs merged into the model for every image, at most {MAX_LORAS}",
     )
+    embeddings: list[str] | None = Field(
+        None,
+        description="textual-inversion embeddings the prompts may use, each by writing its "
+        "name; left out, the farm lists the registered ones whose names the prompts hold "
+        f"(at most {MAX_EMBEDDINGS})",
+    )
     output_prefix: str = ""
     tags: list[str] = Field(default_factory=list)
 
@@ -440,6 +452,22 @@ class JobSpec(BaseModel):
             seen.add(lora.name)
         return v
 
+    @field_validator("embeddings")
+    @classmethod
+    def _embeddings(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_EMBEDDINGS:
+            raise ValueError(f"at most {MAX_EMBEDDINGS} embeddings")
+        for i, name in enumerate(v):
+            try:
+                _check_model(name)
+            except ValueError as exc:
+                raise ValueError(f"item {i}: {exc}") from None
+            if name in v[:i]:
+                raise ValueError(f"item {i}: {name!r} is listed twice; list it once")
+        return v
+
     @field_validator("init_image")
     @classmethod
     def _init_image(cls, v: str) -> str:
@@ -544,6 +572,7 @@ class ImageParams:
     sampler_name: str
     scheduler: str
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight), the job's, in its order
+    embeddings: tuple[str, ...] = ()  # the job's textual-inversion embeddings, by name
     init_image: str = ""  # img2img: the job's input picture (sha256 of inputs/<sha>.png)
     denoising_strength: float = DEFAULT_DENOISING_STRENGTH
     hires: HiresSpec | None = None  # the job's hires fix
@@ -584,6 +613,7 @@ class Plan:
         at = self.sweep_keys.index("model") if "model" in spec.sweep else len(self.sweep_keys)
         self._model_stride = math.prod(self.sweep_sizes[at + 1 :])
         self._loras = tuple((lora.name, lora.weight) for lora in spec.loras)
+        self._embeddings = tuple(spec.embeddings or ())
 
     def cell_values(self, cell: int) -> dict[str, Any]:
         if not 0 <= cell < self.n_cells:
@@ -676,6 +706,7 @@ class Plan:
             prompt=self.spec.prompts[prompt_index],
             seed=self.spec.seed + repeat,
             loras=self._loras,
+            embeddings=self._embeddings,
             init_image=self.spec.init_image,
             hires=self.spec.hires,
             **self.cell_settings(cell),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import replace
@@ -23,7 +24,7 @@ from farm.models import ModelEntry, ModelRegistry
 from farm.redis_client import connect
 from farm.redis_server import RedisProcess, stop_processes
 from storage import open_store
-from storage.models import ModelStore
+from storage.models import ModelStore, sha256_file
 
 
 def ensure_default_model(config: Config, client: redis.Redis) -> ModelEntry:
@@ -57,7 +58,10 @@ def ensure_default_model(config: Config, client: redis.Redis) -> ModelEntry:
 
 def register_model(config: Config, client: redis.Redis, path: Path, name: str) -> ModelEntry:
     """Put a checkpoint or a LoRA into storage under its sha256 and register ``name`` for
-    it (a LoRA is told by its tensor names and registered with the engine ``lora``)."""
+    it (a LoRA is told by its tensor names and registered with the engine ``lora``). A
+    textual-inversion embedding (A1111 .pt, diffusers .bin, or .safetensors) is stored as
+    the safetensors file workers read (``farm.embedding_files``)."""
+    from farm.embedding_files import is_embedding
     from farm.models import (
         LORA,
         flux_missing_parts,
@@ -65,7 +69,14 @@ def register_model(config: Config, client: redis.Redis, path: Path, name: str) -
         probe_engine,
         unet_input_problem,
     )
+    from farm.spec import check_model_name
 
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise ValueError(f"--name {name!r}: {exc}") from None
+    if is_embedding(path):
+        return register_embedding(config, client, path, name)
     engine = probe_engine(path)
     if engine not in ("sd1", "sdxl", "flux", LORA):
         raise ValueError(
@@ -89,6 +100,34 @@ def register_model(config: Config, client: redis.Redis, path: Path, name: str) -
             size=blob.size,
             key=blob.key,
             family=(lora_family(path) or "") if engine == LORA else "",
+        )
+    )
+
+
+def register_embedding(config: Config, client: redis.Redis, path: Path, name: str) -> ModelEntry:
+    """Convert an embedding file to the layout workers read, store that by its sha256 and
+    register ``name`` for it, with its family, vectors and the sha256 of ``path`` itself
+    (A1111's hash of the embedding). EmbeddingFileError if the file is not one."""
+    from farm.embedding_files import read_embedding, to_safetensors
+    from farm.models import EMBEDDING
+
+    embedding = read_embedding(path)
+    source = sha256_file(path)
+    store = ModelStore(open_store(config.storage_url), config.model_cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        converted = Path(tmp) / f"{name}.safetensors"
+        converted.write_bytes(to_safetensors(embedding, {"farm_source_sha256": source}))
+        blob = store.add(converted)
+    return ModelRegistry(client, config.namespace).add(
+        ModelEntry(
+            name=name,
+            engine=EMBEDDING,
+            sha256=blob.sha256,
+            size=blob.size,
+            key=blob.key,
+            family=embedding.family,
+            vectors=embedding.vectors,
+            source_sha256=source,
         )
     )
 

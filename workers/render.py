@@ -18,13 +18,17 @@ from typing import Any
 from PIL import Image
 
 from farm.celery_app import RenderMessage
+from farm.embeddings import names_in
 from farm.jobs import error_text
 from farm.spec import ImageParams
 from storage.base import ObjectNotFound, StorageError
 from storage.keys import image_key, input_key
 from storage.png import encode_png, format_parameters
 from workers.engine.base import (
+    AddonError,
     BatchRequest,
+    EmbeddingError,
+    EmbeddingRequest,
     EngineError,
     HiresRequest,
     ImageRequest,
@@ -199,6 +203,11 @@ def _render_images(
         if first.loras:
             stage = "lora"  # recorded as a load, but not the model's fault
             loras, lora_hashes = _load_loras(rt, engine, first)
+        embeddings: tuple[EmbeddingRequest, ...] = ()
+        ti_hashes: dict[str, str] = {}
+        if first.embeddings and getattr(engine, "takes_embeddings", False):
+            stage = "embedding"  # recorded as a load, but not the model's fault
+            embeddings, ti_hashes = _load_embeddings(rt, engine, first)
         stage = "render"
         batch = BatchRequest(
             images=tuple(ImageRequest(p.prompt, p.negative_prompt, p.seed) for p in images),
@@ -209,6 +218,7 @@ def _render_images(
             sampler_name=first.sampler_name,
             scheduler=first.scheduler,
             loras=loras,
+            embeddings=embeddings,
             init_image=init_image,
             denoising_strength=first.denoising_strength,
             hires=hires_request(first),
@@ -231,6 +241,11 @@ def _render_images(
         if first.loras:  # as A1111 writes them: the tags in the prompt, the files' hashes
             extra["Lora hashes"] = ", ".join(f"{n}: {lora_hashes[n][:12]}" for n, _ in first.loras)
         for p, picture in zip(images, pictures, strict=True):
+            used = names_in((p.prompt, p.negative_prompt), ti_hashes) if ti_hashes else []
+            if used:  # as A1111 writes them: the embeddings the image's prompts name
+                extra["TI hashes"] = ", ".join(f"{n}: {ti_hashes[n][:12]}" for n in used)
+            else:
+                extra.pop("TI hashes", None)
             text = format_parameters(
                 prompt=lora_prompt(p.prompt, p.loras),
                 negative_prompt=p.negative_prompt,
@@ -257,26 +272,31 @@ def _render_images(
         raise  # the ledger or the store is away, not the images' fault (see run_render)
     except Exception as exc:
         log.exception("task of job %s images %s..%s failed", job_id, indices[0], indices[-1])
+        if isinstance(exc, AddonError) and stage == "render":
+            stage = "embedding"  # the engine refused an embedding's file as it rendered
         rt.ledger.record_error(
             job_id,
             task_no,
             indices,
-            stage="load" if stage in ("lora", "input") else stage,
+            stage="load" if stage in ADDON_STAGES else stage,
             error=error_text(exc),
             worker=rt.name,
             model=first.model,
             images_failed=True,
         )
         rt.ledger.mark(job_id, indices, ok=False)
-        # storage that takes no images, or a LoRA that does not load, is not the model's
-        # fault: the worker stays on the model for other jobs
-        if stage not in ("lora", "input") and not (
-            stage == "store" and isinstance(exc, StorageError)
-        ):
+        # storage that takes no images, or an add-on file (LoRA, embedding) that does not
+        # load, is not the model's fault: the worker stays on the model for other jobs
+        if stage not in ADDON_STAGES and not (stage == "store" and isinstance(exc, StorageError)):
             rt.record_failure(first.model)
         raise
     rt.ledger.mark(job_id, indices, ok=True)
     rt.stats.images += len(indices)
+
+
+# stages whose failures are recorded as loads but are not the model's fault: the job's
+# picture or add-on files (LoRAs, embeddings), and settings its model cannot render
+ADDON_STAGES = ("lora", "embedding", "input")
 
 
 def hires_request(p: ImageParams) -> HiresRequest | None:
@@ -348,6 +368,40 @@ def _load_loras(
             path, hashes[name] = got[-1]
             requests.append(LoraRequest(name, str(path), weight))
         apply(tuple(requests), tick)
+    return tuple(requests), hashes
+
+
+def _load_embeddings(
+    rt: Runtime, engine: Any, first: ImageParams
+) -> tuple[tuple[EmbeddingRequest, ...], dict[str, str]]:
+    """The task's embeddings made for the engine's family, fetched into the node's cache
+    like checkpoints (waiting while the store is away), and each one's A1111 hash (the
+    sha256 of the file as it was added). Those made for another family are left out, so
+    their names stay text, as in A1111 (a sweep over models of two families lists both
+    kinds). An EmbeddingError naming the embedding if one cannot be had."""
+    family = getattr(engine, "family", "")
+    requests: list[EmbeddingRequest] = []
+    hashes: dict[str, str] = {}
+    got: list[tuple[Any, Any] | None] = []
+    with rt.watchdog.stage(
+        f"loading the embeddings of task {rt.current_task}", first.model
+    ) as tick:
+        for name in first.embeddings:
+
+            def fetch(n: str = name) -> None:
+                got.append(rt.embedding_file(n, family, tick))
+
+            try:
+                put_waiting(fetch, rt.config.storage_wait, rt.stopping, f"embedding {name}")
+            except (*REDIS_AWAY, StoreAway):
+                raise
+            except Exception as exc:
+                raise EmbeddingError(f"embedding {name!r}: {error_text(exc)}") from exc
+            if got[-1] is None:
+                continue
+            path, entry = got[-1]
+            requests.append(EmbeddingRequest(name, str(path)))
+            hashes[name] = entry.source_sha256 or entry.sha256
     return tuple(requests), hashes
 
 

@@ -27,7 +27,7 @@ import redis
 from farm.celery_app import model_queue
 from farm.config import Config
 from farm.jobs import RUNNABLE, JobNotFound, Ledger, error_text
-from farm.models import LORA, ModelEntry, ModelRegistry, lora_hash
+from farm.models import EMBEDDING, LORA, ModelEntry, ModelRegistry, lora_hash
 from farm.redis_client import connect
 from farm.workers_registry import Assignments, WorkerRegistry
 from storage import StorageError, open_store
@@ -118,8 +118,8 @@ class Runtime:
         entry = self.models.get(model)
         if entry is None:
             raise LookupError(f"model {model!r} is not registered")
-        if entry.engine == LORA:
-            raise ValueError(f"{model!r} is a LoRA, not a model a worker can load")
+        if not entry.is_checkpoint:
+            raise ValueError(f"{model!r} is {entry.kind}, not a model a worker can load")
         ident = (entry.name, entry.sha256)
         with self._lock:
             if self.engine is not None and self.engine_model == ident:
@@ -186,11 +186,25 @@ class Runtime:
         if entry is None:
             raise LookupError(f"LoRA {name!r} is not registered")
         if entry.engine != LORA:
-            raise ValueError(f"{name!r} is a checkpoint ({entry.engine}), not a LoRA")
+            raise ValueError(f"{name!r} is {entry.kind}, not a LoRA")
         path = self.fetch_file(entry, progress)
         if entry.sha256 not in self.lora_hashes:
             self.lora_hashes[entry.sha256] = lora_hash(path)
         return path, self.lora_hashes[entry.sha256]
+
+    def embedding_file(
+        self, name: str, family: str, progress: Callable[..., object] | None = None
+    ) -> tuple[Path, ModelEntry] | None:
+        """The local file of the registered embedding ``name``, fetched like a checkpoint,
+        and its entry; None when it was made for another family than ``family``."""
+        entry = self.models.get(name)
+        if entry is None:
+            raise LookupError(f"embedding {name!r} is not registered")
+        if entry.engine != EMBEDDING:
+            raise ValueError(f"{name!r} is {entry.kind}, not an embedding")
+        if entry.family != family:
+            return None
+        return self.fetch_file(entry, progress), entry
 
     # inventory / heartbeat
     def inventory(self) -> dict[str, Any]:
@@ -226,7 +240,7 @@ class Runtime:
         return [
             e.name
             for e in entries
-            if e.sha256 and e.engine != LORA and self.model_store.is_cached(e.sha256)
+            if e.sha256 and e.is_checkpoint and self.model_store.is_cached(e.sha256)
         ]
 
     # model assignment: the scheduler writes it, the worker applies it

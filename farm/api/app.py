@@ -35,8 +35,10 @@ from farm.api.schemas import (
     WorkerInfo,
 )
 from farm.config import Config
+from farm.embeddings import names_in, prompt_texts
 from farm.jobs import ERROR_STAGES, ERRORS_KEPT, STATES, JobNotFound, JobRecord, Ledger
 from farm.models import (
+    EMBEDDING,
     FLUX_DEFAULTS,
     LORA,
     LORA_ENGINES,
@@ -148,6 +150,12 @@ class Farm:
                     f"{name!r} is a LoRA, not a checkpoint: name a checkpoint here and list "
                     f'the LoRA in loras ([{{"name": "{name}", "weight": 1}}])',
                 )
+            if entry.engine == EMBEDDING:
+                raise FieldError(
+                    field,
+                    f"{name!r} is a textual-inversion embedding, not a checkpoint: name a "
+                    "checkpoint here and write the embedding's name in the prompt",
+                )
             if spec.loras and entry.engine not in LORA_ENGINES:
                 raise FieldError("loras", no_loras(entry))
         self.check_loras(spec)
@@ -198,7 +206,7 @@ class Farm:
             if entry.engine != LORA:
                 raise FieldError(
                     f"loras[{i}].name",
-                    f"{lora.name!r} is a checkpoint ({entry.engine}), not a LoRA",
+                    f"{lora.name!r} is {entry.kind}, not a LoRA",
                 )
             for model in models.values():
                 if entry.family and model.engine in LORA_ENGINES and entry.family != model.engine:
@@ -207,6 +215,41 @@ class Farm:
                         f"{lora.name!r} is a LoRA for {entry.family} models; model "
                         f"{model.name!r} is {model.engine}",
                     )
+
+    def with_embeddings(self, spec: JobSpec) -> JobSpec:
+        """The spec with its ``embeddings`` listed: as the client gave them (each must be a
+        registered embedding made for the family of each of the job's models; FieldError
+        naming ``embeddings[i]`` otherwise), or, left out, the registered embeddings whose
+        names its prompts hold (``farm.embeddings.names_in``) and that fit one of its
+        models (A1111 reads a name that fits no model as text, so does the farm)."""
+        names = [spec.model, *spec.sweep.get("model", [])]
+        families = {e.engine for n in dict.fromkeys(names) if (e := self.models.get(n)) is not None}
+        if spec.embeddings is None:
+            fitting = [e.name for e in self.models.embeddings() if e.family in families]
+            return spec.model_copy(update={"embeddings": names_in(prompt_texts(spec), fitting)})
+        for i, name in enumerate(spec.embeddings):
+            field = f"embeddings[{i}]"
+            entry = self.models.get(name)
+            if entry is None or entry.engine != EMBEDDING:
+                known = self.models.embeddings()
+                shown = (
+                    f"registered embeddings: {_names(known)}"
+                    if known
+                    else "none is registered (farm models add FILE --name NAME)"
+                )
+                what = (
+                    f"unknown embedding {name!r}"
+                    if entry is None
+                    else f"{name!r} is {entry.kind}, not an embedding"
+                )
+                raise FieldError(field, f"{what}; {shown}")
+            for family in sorted(families - {entry.family}):
+                raise FieldError(
+                    field,
+                    f"{name!r} is an embedding for {entry.family} models; the job's models "
+                    f"include {family}",
+                )
+        return spec
 
 
 def create_app(
@@ -244,6 +287,7 @@ def create_app(
         farm.check_models(spec)
         inputs.check_init_image(farm, spec)  # img2img: the picture is stored
         inputs.check_hires(farm, spec)  # hires fix: SD1 and SDXL models only
+        spec = farm.with_embeddings(spec)
         job = farm.ledger.create(spec, config.default_batch_size)
         return SafeJSONResponse(farm.detail(job), status_code=201)
 

@@ -294,6 +294,24 @@ class LoraItem(BaseModel):
     metadata: dict[str, Any]
 
 
+class EmbeddingItem(BaseModel):
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int = Field(description="the width of its vectors (SDXL: both encoders' summed)")
+    vectors: int
+
+
+class EmbeddingsList(BaseModel):
+    loaded: dict[str, EmbeddingItem]
+    skipped: dict[str, EmbeddingItem]
+
+
+# the width A1111 gives an embedding of each family: its encoder's (SDXL: CLIP-L's and
+# bigG's summed)
+EMBEDDING_SHAPES = {"sd1": 768, "sdxl": 768 + 1280}
+
+
 class PngInfoRequest(BaseModel):
     image: str = Field(description="a PNG (or another picture) in base64, or a data: URL")
 
@@ -363,6 +381,12 @@ def resolve_model(models: ModelRegistry, value: Any, default: str) -> ModelEntry
             MODEL_FIELD,
             f"{entry.name!r} is a LoRA, not a checkpoint: put <lora:{entry.name}:1> in the "
             "prompt and name a checkpoint here",
+        )
+    if not entry.is_checkpoint:
+        raise FieldError(
+            MODEL_FIELD,
+            f"{entry.name!r} is a textual-inversion embedding, not a checkpoint: write its "
+            "name in the prompt and name a checkpoint here",
         )
     if want and not entry.sha256.startswith(want):
         have = entry.sha256[:10] or "none (no checkpoint)"
@@ -820,6 +844,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
             farm.check_families(spec)
         except FieldError as exc:
             bad(exc.field, exc.msg)
+        spec = farm.with_embeddings(spec)  # those its prompts name (no field to refuse)
     if problems or spec is None or entry is None:
         raise Refused(problems or [{"field": "body", "msg": f"not a valid {what} request"}])
     if picture is not None:
@@ -1068,6 +1093,31 @@ def router(farm: Farm) -> APIRouter:
         )
 
     @api.get(
+        "/embeddings",
+        response_model=EmbeddingsList,
+        responses=ERRORS,
+        summary="The registered textual-inversion embeddings, used by their names in a prompt",
+    )
+    def embeddings() -> Response:
+        # A1111 lists the embeddings that fit its one loaded model as loaded, the others as
+        # skipped; a farm has a model per job and uses those that fit it, so all are listed
+        return SafeJSONResponse(
+            {
+                "loaded": {
+                    e.name: {
+                        "step": None,
+                        "sd_checkpoint": None,
+                        "sd_checkpoint_name": None,
+                        "shape": EMBEDDING_SHAPES.get(e.family, 0),
+                        "vectors": e.vectors,
+                    }
+                    for e in farm.models.embeddings()
+                },
+                "skipped": {},
+            }
+        )
+
+    @api.get(
         "/samplers",
         response_model=list[SamplerItem],
         responses=ERRORS,
@@ -1195,7 +1245,6 @@ def router(farm: Farm) -> APIRouter:
     for path, empty, what in (
         ("/sd-vae", [], "separate VAEs: each checkpoint renders with its own"),
         ("/hypernetworks", [], "hypernetworks (not supported)"),
-        ("/embeddings", {"loaded": {}, "skipped": {}}, "textual inversions (not supported)"),
     ):
         api.add_api_route(
             path,
@@ -1217,7 +1266,12 @@ def router(farm: Farm) -> APIRouter:
         api.add_api_route(
             path, _constant(listed), methods=["GET"], response_model=list[dict], summary=what
         )
-    for path in ("/refresh-checkpoints", "/refresh-loras", "/refresh-vae"):
+    for path in (
+        "/refresh-checkpoints",
+        "/refresh-loras",
+        "/refresh-vae",
+        "/refresh-embeddings",
+    ):
         api.add_api_route(
             path,
             _constant(None),

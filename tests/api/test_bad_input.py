@@ -91,6 +91,10 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("loras[0].weight", {"loras": [{"name": "style", "weight": NAN}]}),
     ("loras[0].weight", {"loras": [{"name": "style", "weight": INF}]}),
     ("loras", {"loras": [{"name": "style"}]}),  # the synthetic model takes none
+    ("embeddings", {"embeddings": "easynegative"}),
+    ("embeddings", {"embeddings": ["bad name!"]}),
+    ("embeddings", {"embeddings": ["e"] * 33}),
+    ("embeddings[0]", {"embeddings": ["easynegative"]}),  # none is registered
     ("output_prefix", {"output_prefix": "../escape"}),
     ("output_prefix", {"output_prefix": "/abs"}),
     ("output_prefix", {"output_prefix": "a//b"}),

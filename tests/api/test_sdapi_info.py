@@ -85,7 +85,7 @@ def test_the_lists_clients_read_at_start_answer_none(client: TestClient) -> None
     assert client.get("/sdapi/v1/sd-vae").json() == []
     assert client.get("/sdapi/v1/hypernetworks").json() == []
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
-    for path in ("/refresh-checkpoints", "/refresh-loras", "/refresh-vae"):
+    for path in ("/refresh-checkpoints", "/refresh-loras", "/refresh-vae", "/refresh-embeddings"):
         r = client.post("/sdapi/v1" + path)
         assert (r.status_code, r.json()) == (200, None), path
     names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]

@@ -125,6 +125,7 @@ def test_openapi_document(client: TestClient) -> None:
         "/sdapi/v1/refresh-checkpoints",
         "/sdapi/v1/refresh-loras",
         "/sdapi/v1/refresh-vae",
+        "/sdapi/v1/refresh-embeddings",
         "/sdapi/v1/upscalers",
         "/sdapi/v1/latent-upscale-modes",
     }

@@ -122,3 +122,82 @@ def test_an_emphasised_prompt_renders_otherwise_and_alone_as_in_a_batch(engine):
     together = render(strong, ImageRequest("((a dog))", "(blurry:1.3)", 8))
     assert not torch.allclose(render(plain)[0], together[0], atol=1e-4)
     assert torch.allclose(render(strong)[0], together[0], rtol=1e-4, atol=1e-3)
+
+
+# ------------------------------------------------ textual-inversion embeddings (A1111's)
+
+EMB_WORDS = {"a": 1, "red": 2, "fox": 3, "foo": 5, "bar": 6, ",": 9}
+
+
+def emb_tokenize(text):
+    return [EMB_WORDS[w] for w in text.replace(",", " , ").split()]
+
+
+def emb_chunks(prompt, index):
+    return prompt_chunks(prompt, emb_tokenize, 9, 100, 101, 102, index)
+
+
+def emb_index():
+    from workers.engine.prompts import Embedding, EmbeddingIndex
+
+    foo = Embedding("foo", (5,), 2, "F")
+    foo_bar = Embedding("foo bar", (5, 6), 3, "FB")
+    return EmbeddingIndex([foo, foo_bar]), foo, foo_bar
+
+
+def test_embeddings_take_their_positions_the_longest_name_first():
+    index, foo, foo_bar = emb_index()
+    (chunk,) = emb_chunks("a foo bar fox foo (foo:1.5) bar", index)
+    assert chunk[:13] == [100, 1, 0, 0, 0, 3, 0, 0, 0, 0, 6, 101, 102]
+    assert chunk.fixes == ((2, foo_bar), (6, foo), (8, foo))
+    assert chunk.weights[:11] == (1.0,) * 8 + (1.5, 1.5, 1.0)
+    # a name split by brackets is two fragments: only "foo" is found, "bar" stays text
+    (split,) = emb_chunks("(foo) bar", index)
+    assert split[:5] == [100, 0, 0, 6, 101] and split.fixes == ((1, foo),)
+    assert split.weights[:4] == (1.0, 1.1, 1.1, 1.0)
+    # no embeddings, or none named: exactly the ids and weights of today
+    for prompt in ("a red fox", "a (red:1.3) fox, BREAK fox"):
+        for other in (None, index):
+            got, today = emb_chunks(prompt, other), emb_chunks(prompt, None)
+            assert got == prompt_chunks(prompt, emb_tokenize, 9, 100, 101, 102) == today
+            assert [c.weights for c in got] == [c.weights for c in today]
+            assert all(c.fixes == () for c in got)
+
+
+def test_an_embedding_that_does_not_fit_opens_the_next_chunk():
+    index, foo, foo_bar = emb_index()
+    fits = emb_chunks("a " * 72 + "foo bar", index)  # 72 + 3 = 75: the chunk's last three
+    assert len(fits) == 1 and fits[0].fixes == ((73, foo_bar),) and fits[0][76] == 101
+    moved = emb_chunks("a " * 73 + "foo bar a", index)  # 73 + 3 > 75: closes at 73
+    assert [len(c) for c in moved] == [77, 77]
+    assert moved[0][:76] == [100] + [1] * 73 + [101, 102] and moved[0].fixes == ()
+    assert moved[1][:6] == [100, 0, 0, 0, 1, 101] and moved[1].fixes == ((1, foo_bar),)
+    full = emb_chunks("a " * 75 + "foo", index)  # a full chunk: the embedding opens the next
+    assert full[0].fixes == () and full[1].fixes == ((1, foo),)
+    breaks = emb_chunks("foo BREAK foo", index)
+    assert [c.fixes for c in breaks] == [((1, foo),), ((1, foo),)]
+
+
+def test_a_comma_backtrack_moves_an_embedding_with_its_tokens():
+    index, _, foo_bar = emb_index()
+    # comma at 60, ten "a", foo bar at 71..73, "a" at 74: the chunk is full at the next
+    # "a" and its last comma 15 back, so the 14 positions after the comma move on
+    chunks = emb_chunks("a " * 60 + ", " + "a " * 10 + "foo bar a a", index)
+    assert [c.fixes for c in chunks] == [(), ((11, foo_bar),)]
+    assert chunks[0][:63] == [100] + [1] * 60 + [9, 101]
+    assert chunks[1][:17] == [100] + [1] * 10 + [0, 0, 0, 1, 1, 101]
+    # the same prompt with plain text for the name backtracks the same way (A1111's rule)
+    plain = emb_chunks("a " * 60 + ", " + "a " * 10 + "red fox red a a", None)
+    assert [c.index(101) for c in plain] == [c.index(101) for c in chunks]
+
+
+def test_embedding_index_and_placeholder_checks():
+    from workers.engine.prompts import Embedding, EmbeddingIndex
+
+    index, _, _ = emb_index()
+    with pytest.raises(ValueError, match="end token"):
+        prompt_chunks("foo", emb_tokenize, 9, 100, 101, 102, index, placeholder=101)
+    with pytest.raises(ValueError, match="no tokens"):
+        EmbeddingIndex([Embedding("", (), 1)])
+    with pytest.raises(ValueError, match="76 vectors"):
+        EmbeddingIndex([Embedding("big", (5,), CHUNK_TOKENS + 1)])

@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 __all__ = [
     "SAMPLERS",
     "SCHEDULES",
+    "AddonError",
     "BatchRequest",
+    "EmbeddingError",
+    "EmbeddingRequest",
     "Engine",
     "EngineError",
     "HIRES_LATENT_MODES",
@@ -38,9 +41,18 @@ class EngineError(Exception):
     """A request or checkpoint the engine cannot serve (bad file, unknown sampler, ...)."""
 
 
-class LoraError(EngineError):
+class AddonError(EngineError):
+    """An add-on file (LoRA, embedding) that cannot be used; the message names it."""
+
+
+class LoraError(AddonError):
     """A LoRA that cannot be applied (missing, unreadable, matching no layer of the model);
     the message names it."""
+
+
+class EmbeddingError(AddonError):
+    """A textual-inversion embedding that cannot be used (unreadable, without the tensors
+    its layout needs, made for another model family or width); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,15 @@ class LoraRequest:
     name: str  # as registered; errors and logs name it
     path: str  # the local .safetensors file
     weight: float  # its multiplier: 0 leaves the model as it is
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """A textual-inversion embedding a batch's prompts may name (``workers.engine.
+    embeddings``): where its name occurs in a prompt, its vectors take the name's place."""
+
+    name: str  # as registered: the word prompts use, and what errors name
+    path: str  # the local .safetensors file (``emb_params``, or SDXL's clip_l and clip_g)
 
 
 # A1111's hires upscalers the engines have: the latent ones (``torch.nn.functional.
@@ -159,6 +180,10 @@ class BatchRequest:
     # LoRAs has an ``apply_loras`` method and renders with exactly these (none: the model's
     # own weights)
     loras: tuple[LoraRequest, ...] = ()
+    # textual-inversion embeddings the prompts may name (A1111's): a name in a prompt or
+    # negative prompt is replaced by its vectors; an engine that reads them has
+    # ``takes_embeddings = True`` (other names are plain text, as without any)
+    embeddings: tuple[EmbeddingRequest, ...] = ()
     # img2img: every image starts from this picture (RGB, exactly width x height) noised to
     # the point ``denoising_strength`` of the schedule says, instead of from pure noise
     # (A1111's img2img); an engine that can do it has ``takes_init_image = True``

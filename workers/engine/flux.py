@@ -438,6 +438,7 @@ class FluxEngine(TorchEngine):
 
     family = "flux"
     module_names = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    takes_embeddings = False  # BatchRequest.embeddings are refused (``validate``)
 
     def __init__(
         self, components: FluxComponents, device: str = "cpu", dtype: torch.dtype = torch.float32
@@ -492,6 +493,8 @@ class FluxEngine(TorchEngine):
             )
         if getattr(batch, "loras", ()):
             raise EngineError("loras: the Flux engine takes no LoRA yet")
+        if getattr(batch, "embeddings", ()):
+            raise EngineError("embeddings: the Flux engine takes no textual-inversion embeddings")
         if batch.init_image is not None:
             raise EngineError("init_image: the Flux engine does not start from a picture")
         if batch.hires is not None:

@@ -25,9 +25,10 @@ from workers.engine.base import (
     hires_start,
     img2img_start,
 )
+from workers.engine.embeddings import EmbeddingStore, token_fixes
 from workers.engine.lora import MergedLoras, module_index
 from workers.engine.names import resolve_schedule
-from workers.engine.prompts import MAX_TOKENS, TokenChunk, prompt_chunks
+from workers.engine.prompts import MAX_TOKENS, EmbeddingIndex, TokenChunk, prompt_chunks
 from workers.engine.samplers import (
     ANCESTRAL,
     PREDICTION_TYPES,
@@ -240,14 +241,17 @@ class UNetEngine(TorchEngine):
     (``takes_init_image``) from the picture's VAE latent on the tail of the schedule, and
     A1111's hires fix (``takes_hires``): a second, img2img-like pass over the upscaled
     first one. An engine has ``unet``, ``vae``, ``vae_scale_factor``, ``loras`` (a
-    MergedLoras), ``sigmas(batch)``, ``generators(batch)``, ``encode_image(picture)``,
-    ``decode(latents)`` and ``denoise(batch, x, gens, sigmas, progress, size)``."""
+    MergedLoras), ``embeddings`` (an EmbeddingStore), ``sigmas(batch)``,
+    ``generators(batch)``, ``encode_image(picture)``, ``decode(latents)`` and
+    ``denoise(batch, x, gens, sigmas, progress, size)``."""
 
     takes_init_image = True  # img2img: BatchRequest.init_image
     takes_hires = True  # hires fix: BatchRequest.hires
+    takes_embeddings = True  # textual inversion: BatchRequest.embeddings
     vae_scale_factor: int
     unet: Any
     loras: MergedLoras
+    embeddings: EmbeddingStore
 
     def unet_lora_names(self) -> Callable[[str], Iterable[str]]:
         """A UNet module's name -> the names a LoRA file may give it: its diffusers name
@@ -273,6 +277,11 @@ class UNetEngine(TorchEngine):
             for proc in self.unet.attn_processors.values():
                 if isinstance(proc, ContextKVCache):
                     proc.context, proc.kv = None, None
+
+    def embedding_index(self, batch: BatchRequest) -> EmbeddingIndex | None:
+        """The batch's embeddings as prompts find them (None without any): files read once
+        per engine. EmbeddingError naming one that cannot be used on this model."""
+        return self.embeddings.index(batch.embeddings)
 
     def sigmas(self, batch: BatchRequest) -> Tensor:
         raise NotImplementedError
@@ -412,6 +421,8 @@ class SD1Engine(UNetEngine):
                                       else proc for name, proc in
                                       self.unet.attn_processors.items()})
         self.loras = MergedLoras(self._lora_layers)
+        width = self.text_encoder.config.hidden_size
+        self.embeddings = EmbeddingStore(self.family, [("text encoder", width)], self._tokenize)
 
     @classmethod
     def from_single_file(cls, path: str | Path, device: str = "cpu",
@@ -438,15 +449,18 @@ class SD1Engine(UNetEngine):
 
     # -------------------------------------------------------------- steps of a render
 
-    def prompt_chunks(self, prompt: str) -> list[TokenChunk]:
+    def prompt_chunks(self, prompt: str,
+                      embeddings: EmbeddingIndex | None = None) -> list[TokenChunk]:
         """The prompt's token ids in A1111's chunks (``prompts.prompt_chunks``: emphasis,
         BREAK, 75 tokens a chunk), each wrapped in BOS ... EOS and padded to 77 as CLIP
-        expects, with each token's weight; at least one chunk. A prompt of up to 75 tokens
-        without brackets or BREAK gives exactly the usual 77 ids."""
+        expects, with each token's weight and the ``embeddings`` its text names (their
+        vectors' positions, ``TokenChunk.fixes``); at least one chunk. A prompt of up to 75
+        tokens without brackets, BREAK or an embedding's name gives exactly the usual 77
+        ids."""
         tok = self.tokenizer
         comma = tok.convert_tokens_to_ids(CLIP_TOKENIZER_COMMA)
         return prompt_chunks(prompt, self._tokenize, comma, tok.bos_token_id, tok.eos_token_id,
-                             tok.pad_token_id)
+                             tok.pad_token_id, embeddings)
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, truncation=False,
@@ -462,12 +476,14 @@ class SD1Engine(UNetEngine):
 
     @torch.no_grad()
     def encode_chunks(self, per: list[list[list[int]]], chunks: int = 1) -> Tensor:
-        """``encode_prompts`` on prompts already split by ``prompt_chunks``."""
+        """``encode_prompts`` on prompts already split by ``prompt_chunks``; a chunk's
+        embeddings replace its placeholders' token embeddings (``token_fixes``)."""
         n = max(chunks, *(len(c) for c in per))
         empty = self.prompt_chunks("")[0]
         rows = [chunk for c in per for chunk in c + [empty] * (n - len(c))]
         ids = torch.tensor(rows)
-        hidden = self.text_encoder(ids.to(self.device))[0]  # (prompts x n, 77, width)
+        with token_fixes(self.text_encoder, rows, 0):
+            hidden = self.text_encoder(ids.to(self.device))[0]  # (prompts x n, 77, width)
         hidden = emphasize(hidden, chunk_weights(rows))
         return hidden.reshape(len(per), n * MAX_TOKENS, hidden.shape[-1])
 
@@ -512,6 +528,7 @@ class SD1Engine(UNetEngine):
         already scaled) replaces the seeded initial noise (or img2img's noised picture);
         ancestral noise stays seeded. ``progress`` is called after every UNet evaluation."""
         batch.validate()
+        self.embedding_index(batch)  # an embedding that cannot be used fails before LoRAs
         self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
@@ -534,8 +551,9 @@ class SD1Engine(UNetEngine):
         # a prompt (or negative prompt) over 75 tokens takes more chunks of context. Images
         # are sampled in groups of one chunk count, so an image's context, and so the image,
         # never depends on the prompts it shares a batch with
-        pos = [self.prompt_chunks(r.prompt) for r in batch.images]
-        neg = ([self.prompt_chunks(r.negative_prompt) for r in batch.images]
+        found = self.embedding_index(batch)
+        pos = [self.prompt_chunks(r.prompt, found) for r in batch.images]
+        neg = ([self.prompt_chunks(r.negative_prompt, found) for r in batch.images]
                if batch.cfg_scale != 1.0 else None)
         counts = [max(len(p), len(neg[i]) if neg else 1) for i, p in enumerate(pos)]
         out = torch.empty_like(x)

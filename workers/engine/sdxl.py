@@ -28,9 +28,10 @@ from PIL import Image
 from torch import Tensor
 
 from workers.engine.base import BatchRequest, EngineError, Progress
+from workers.engine.embeddings import EmbeddingStore, token_fixes
 from workers.engine.lora import ROOTS, MergedLoras, module_index
 from workers.engine.names import resolve_schedule
-from workers.engine.prompts import TokenChunk, prompt_chunks
+from workers.engine.prompts import EmbeddingIndex, TokenChunk, prompt_chunks
 from workers.engine.samplers import (
     PREDICTION_TYPES,
     DiscreteEpsDenoiser,
@@ -281,6 +282,11 @@ class SDXLEngine(UNetEngine):
         )
         self.device = device
         self.loras = MergedLoras(self._lora_layers, LORA_ROOTS)
+        encoders = [
+            ("CLIP-L", self.text_encoder.config.hidden_size),
+            ("OpenCLIP bigG", self.text_encoder_2.config.hidden_size),
+        ]
+        self.embeddings = EmbeddingStore(self.family, encoders, self._tokenize)
 
     @classmethod
     def from_single_file(
@@ -313,22 +319,29 @@ class SDXLEngine(UNetEngine):
 
     # -------------------------------------------------------------- steps of a render
 
-    def prompt_chunks(self, prompt: str) -> list[TokenChunk]:
+    def prompt_chunks(
+        self, prompt: str, embeddings: EmbeddingIndex | None = None
+    ) -> list[TokenChunk]:
         """The prompt's token ids in A1111's chunks (``prompts.prompt_chunks``: emphasis,
         BREAK, 75 tokens a chunk), each wrapped in BOS ... EOS and padded to 77 with EOS, as
         CLIP-L reads them (``encode_chunks`` pads the second encoder's copy with "!"), with
-        each token's weight; at least one chunk."""
+        each token's weight and the ``embeddings`` its text names (``TokenChunk.fixes``);
+        at least one chunk."""
         tok = self.tokenizer
         return prompt_chunks(
             prompt,
-            lambda text: (
-                tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-            ),
+            self._tokenize,
             tok.convert_tokens_to_ids(CLIP_TOKENIZER_COMMA),
             tok.bos_token_id,
             tok.eos_token_id,
             tok.pad_token_id,
+            embeddings,
         )
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(
+            text, add_special_tokens=False, truncation=False, verbose=False
+        ).input_ids
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], chunks: int = 1) -> Cond:
@@ -341,7 +354,10 @@ class SDXLEngine(UNetEngine):
         side by side (77 x (768 + 1280) for SDXL), the chunks of a prompt one after another,
         every prompt padded with empty-prompt chunks to ``chunks`` or to the most any of
         them needs. Pooled: bigG's projected end-token state of the prompt's first chunk
-        (A1111's choice; diffusers has only one chunk)."""
+        (A1111's choice; diffusers has only one chunk). A chunk's embeddings replace its
+        placeholders' token embeddings, ``clip_l`` in CLIP-L and ``clip_g`` in bigG (so
+        also in the pooled text), as A1111's; the placeholders (id 0) are no end token, so
+        the pooled state is still the real end token's."""
         n = max(chunks, *(len(c) for c in per))
         empty = self.prompt_chunks("")[0]
         rows = [chunk for c in per for chunk in c + [empty] * (n - len(c))]
@@ -350,8 +366,10 @@ class SDXLEngine(UNetEngine):
         end = (ids == self.tokenizer.eos_token_id).int().argmax(dim=1, keepdim=True)
         after = torch.arange(ids.shape[1])[None, :] > end
         ids_g = ids.masked_fill(after, self.tokenizer_2.pad_token_id)
-        out_l = self.text_encoder(ids.to(self.device), output_hidden_states=True)
-        out_g = self.text_encoder_2(ids_g.to(self.device), output_hidden_states=True)
+        with token_fixes(self.text_encoder, rows, 0):
+            out_l = self.text_encoder(ids.to(self.device), output_hidden_states=True)
+        with token_fixes(self.text_encoder_2, rows, 1):
+            out_g = self.text_encoder_2(ids_g.to(self.device), output_hidden_states=True)
         # emphasis on each encoder's states (as A1111, whose two embedders each apply it);
         # the pooled text is left as the encoder gave it
         weights = chunk_weights(rows)
@@ -443,6 +461,7 @@ class SDXLEngine(UNetEngine):
         already scaled) replaces the seeded initial noise (or img2img's noised picture);
         ancestral noise stays seeded. ``progress`` is called after every UNet evaluation."""
         batch.validate()
+        self.embedding_index(batch)  # an embedding that cannot be used fails before LoRAs
         self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
@@ -471,9 +490,10 @@ class SDXLEngine(UNetEngine):
         time_ids = self.time_ids(batch, size)
         # as in SD1: images are sampled in groups of one chunk count, so that an image never
         # depends on the prompts it shares a batch with
-        pos = [self.prompt_chunks(r.prompt) for r in batch.images]
+        found = self.embedding_index(batch)
+        pos = [self.prompt_chunks(r.prompt, found) for r in batch.images]
         neg = (
-            [self.prompt_chunks(r.negative_prompt) for r in batch.images]
+            [self.prompt_chunks(r.negative_prompt, found) for r in batch.images]
             if batch.cfg_scale != 1.0
             else None
         )
