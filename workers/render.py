@@ -352,23 +352,28 @@ def _load_loras(
         raise EngineError(f"model {first.model!r} ({family}) takes no LoRA")
     requests: list[LoraRequest] = []
     hashes: dict[str, str] = {}
-    got: list[tuple[Any, str]] = []  # (path, hash) of each LoRA fetched
     with rt.watchdog.stage(f"loading the LoRAs of task {rt.current_task}", first.model) as tick:
         for name, weight in first.loras:
-
-            def fetch(n: str = name) -> None:
-                got.append(rt.lora_file(n, tick))
-
-            try:
-                put_waiting(fetch, rt.config.storage_wait, rt.stopping, f"LoRA {name}")
-            except (*REDIS_AWAY, StoreAway):
-                raise
-            except Exception as exc:
-                raise LoraError(f"LoRA {name!r}: {error_text(exc)}") from exc
-            path, hashes[name] = got[-1]
+            path, hashes[name] = _fetch_addon(rt, "LoRA", name, LoraError,
+                                              lambda n=name: rt.lora_file(n, tick))  # fmt: skip
             requests.append(LoraRequest(name, str(path), weight))
         apply(tuple(requests), tick)
     return tuple(requests), hashes
+
+
+def _fetch_addon(rt: Runtime, kind: str, name: str, error: type[Exception],
+                 fetch: Callable[[], Any]) -> Any:  # fmt: skip
+    """What ``fetch`` gives for the add-on file ``name``, tried again while the store is
+    away (as a store of images is); ``error`` naming it if it cannot be had."""
+    got: list[Any] = []
+    try:
+        put_waiting(lambda: got.append(fetch()), rt.config.storage_wait, rt.stopping,
+                    f"{kind} {name}")  # fmt: skip
+    except (*REDIS_AWAY, StoreAway):
+        raise
+    except Exception as exc:
+        raise error(f"{kind} {name!r}: {error_text(exc)}") from exc
+    return got[-1]
 
 
 def _load_embeddings(
@@ -382,24 +387,15 @@ def _load_embeddings(
     family = getattr(engine, "family", "")
     requests: list[EmbeddingRequest] = []
     hashes: dict[str, str] = {}
-    got: list[tuple[Any, Any] | None] = []
     with rt.watchdog.stage(
         f"loading the embeddings of task {rt.current_task}", first.model
     ) as tick:
         for name in first.embeddings:
-
-            def fetch(n: str = name) -> None:
-                got.append(rt.embedding_file(n, family, tick))
-
-            try:
-                put_waiting(fetch, rt.config.storage_wait, rt.stopping, f"embedding {name}")
-            except (*REDIS_AWAY, StoreAway):
-                raise
-            except Exception as exc:
-                raise EmbeddingError(f"embedding {name!r}: {error_text(exc)}") from exc
-            if got[-1] is None:
+            got = _fetch_addon(rt, "embedding", name, EmbeddingError,
+                               lambda n=name: rt.embedding_file(n, family, tick))  # fmt: skip
+            if got is None:
                 continue
-            path, entry = got[-1]
+            path, entry = got
             requests.append(EmbeddingRequest(name, str(path)))
             hashes[name] = entry.source_sha256 or entry.sha256
     return tuple(requests), hashes
