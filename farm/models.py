@@ -25,6 +25,7 @@ LORA = "lora"  # the engine of a LoRA file: merged into a checkpoint's weights b
 LORA_ENGINES = ("sd1", "sdxl")  # the engines of the checkpoints a LoRA can be merged into
 EMBEDDING = "embedding"  # the engine of a textual-inversion embedding: prompts name it
 ADDONS = (LORA, EMBEDDING)  # entries that are no checkpoint: a job cannot name them as model
+EMBEDDING_MAX_VECTORS = 75  # the prompt tokens of one chunk, which an embedding must fit in
 # key endings of the LoRA layouts the engine reads (workers.engine.lora), and of LyCORIS
 # kinds it does not
 _LORA_KEYS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")

@@ -109,9 +109,14 @@ def register_embedding(config: Config, client: redis.Redis, path: Path, name: st
     register ``name`` for it, with its family, vectors and the sha256 of ``path`` itself
     (A1111's hash of the embedding). EmbeddingFileError if the file is not one."""
     from farm.embedding_files import read_embedding, to_safetensors
-    from farm.models import EMBEDDING
+    from farm.models import EMBEDDING, EMBEDDING_MAX_VECTORS
 
     embedding = read_embedding(path)
+    if embedding.vectors > EMBEDDING_MAX_VECTORS:
+        raise ValueError(
+            f"{path}: an embedding of {embedding.vectors} vectors; a prompt's chunk holds "
+            f"{EMBEDDING_MAX_VECTORS} tokens, and an embedding must fit in one"
+        )
     source = sha256_file(path)
     store = ModelStore(open_store(config.storage_url), config.model_cache)
     with tempfile.TemporaryDirectory() as tmp:

@@ -95,6 +95,16 @@ def test_models_add_stores_an_a1111_pt_as_the_safetensors_workers_read(
     assert list(tensors) == ["emb_params"] and torch.equal(tensors["emb_params"], vectors)
 
 
+def test_models_add_refuses_an_embedding_no_prompt_chunk_holds(
+    config: Config, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    pt = a1111_pt(tmp_path / "long.pt", torch.zeros(76, 768))
+    with pytest.raises(ValueError, match="76 vectors; a prompt's chunk holds 75 tokens"):
+        register_model(config, redis_client, pt, "long")
+    assert ModelRegistry(redis_client, config.namespace).get("long") is None
+    assert register_model(config, redis_client, a1111_pt(pt, torch.zeros(75, 768)), "long")
+
+
 def test_models_add_refuses_a_name_no_job_could_give(
     config: Config, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
