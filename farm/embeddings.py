@@ -12,7 +12,8 @@ At submit the farm lists the registered embeddings whose names the prompts hold 
 (``names_in``), so that workers fetch them; the engine then matches them on token ids as
 A1111 does. The rule may list a name whose tokens do not match (a name ending in ``-``
 before another ``-``, a name inside a word that the tokenizer cuts elsewhere): that costs
-the fetch of a small file, and the image's ``TI hashes`` may name it; it never misses one.
+the fetch of a small file (an image's ``TI hashes`` name only the embeddings the engine
+used); it never misses one.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from typing import Any
 from PIL import Image
 
 from farm.celery_app import RenderMessage
-from farm.embeddings import names_in
 from farm.jobs import error_text
 from farm.spec import ImageParams
 from storage.base import ObjectNotFound, StorageError
@@ -240,9 +239,9 @@ def _render_images(
         extra.update(hires_parameters(first))
         if first.loras:  # as A1111 writes them: the tags in the prompt, the files' hashes
             extra["Lora hashes"] = ", ".join(f"{n}: {lora_hashes[n][:12]}" for n, _ in first.loras)
-        for p, picture in zip(images, pictures, strict=True):
-            used = names_in((p.prompt, p.negative_prompt), ti_hashes) if ti_hashes else []
-            if used:  # as A1111 writes them: the embeddings the image's prompts name
+        used_by = engine.embeddings_used(batch) if embeddings else [[] for _ in images]
+        for p, picture, used in zip(images, pictures, used_by, strict=True):
+            if used:  # as A1111 writes them: the embeddings the image's prompts took
                 extra["TI hashes"] = ", ".join(f"{n}: {ti_hashes[n][:12]}" for n in used)
             else:
                 extra.pop("TI hashes", None)

@@ -274,6 +274,27 @@ def test_sd1_render_negative_embedding_and_batch_independence(engine, files):
     assert np.abs(px(i2i_together[1]) - px(i2i_alone)).max() <= 1
 
 
+def test_embeddings_used_are_those_whose_tokens_took_vectors(engine, files):
+    """What the render task writes as TI hashes: per image, the embeddings its prompt (and
+    negative prompt, unless cfg 1 reads none) took vectors from, on token ids."""
+    emb = [
+        EmbeddingRequest("other", files("other", emb_params=vectors(1, 32, 3))),
+        EmbeddingRequest(NAME, files("mine", emb_params=vectors(2, 32, 4))),
+    ]
+    images = [
+        ImageRequest(f"a ({NAME.upper()}:1.2) car", "other", 1),  # any case, emphasised
+        ImageRequest("a car", f"blurry, {NAME}", 2),
+        ImageRequest(f"{NAME}s car", "", 3),  # a longer word: other tokens
+        ImageRequest("a car", "", 4),
+    ]
+    used = engine.embeddings_used(render_batch(images, emb))
+    assert used == [["other", NAME], [NAME], [], []]
+    unguided = BatchRequest(tuple(images), 32, 32, 3, 1.0, "Euler", "Automatic",
+                            embeddings=tuple(emb))  # fmt: skip
+    assert engine.embeddings_used(unguided) == [[NAME], [], [], []]
+    assert engine.embeddings_used(render_batch(images)) == [[], [], [], []]
+
+
 def test_sdxl_render_with_embedding_hires_and_batch(sdxl_engine, files):
     e = sdxl_engine
     emb = [

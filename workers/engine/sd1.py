@@ -283,6 +283,22 @@ class UNetEngine(TorchEngine):
         per engine. EmbeddingError naming one that cannot be used on this model."""
         return self.embeddings.index(batch.embeddings)
 
+    def embeddings_used(self, batch: BatchRequest) -> list[list[str]]:
+        """For each image of the batch, the names of the embeddings its prompt (and its
+        negative prompt, where the guidance reads one) took vectors from, in the order of
+        ``batch.embeddings``: what A1111 writes as ``TI hashes``."""
+        found = self.embedding_index(batch)
+        if found is None:
+            return [[] for _ in batch.images]
+        order = [e.name for e in batch.embeddings]
+        out = []
+        for r in batch.images:
+            texts = [r.prompt] + ([r.negative_prompt] if batch.cfg_scale != 1.0 else [])
+            names = {emb.name for t in texts for chunk in self.prompt_chunks(t, found)
+                     for _, emb in chunk.fixes}  # fmt: skip
+            out.append([n for n in order if n in names])
+        return out
+
     def sigmas(self, batch: BatchRequest) -> Tensor:
         raise NotImplementedError
 
