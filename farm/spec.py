@@ -37,6 +37,11 @@ from workers.engine.base import DEFAULT_HIRES_STRENGTH, HIRES_UPSCALERS, hires_s
 from workers.engine.names import SAMPLERS, SCHEDULES
 
 MAX_SEED = 2**32 - 1
+# what a job may need a worker to render beyond txt2img: workers publish the ones they
+# render in their inventory ("features"), and the scheduler sends a job's tasks only to a
+# model whose workers all render what it needs (a worker older than a feature would read
+# the job without it and render the wrong images)
+FEATURES = ("img2img", "hires", "embeddings")
 MAX_LORAS = 8  # LoRAs of one job
 MAX_EMBEDDINGS = 32  # textual-inversion embeddings of one job
 MAX_LORA_WEIGHT = 5.0  # |weight| of a LoRA (slider LoRAs go to about 5)
@@ -541,6 +546,18 @@ class JobSpec(BaseModel):
                 f"count x prompts x sweep cells = {total} images; at most {_limits.max_images}"
             )
         return self
+
+    def needs(self) -> frozenset[str]:
+        """The ``FEATURES`` this job's images need of a worker."""
+        return frozenset(
+            name
+            for name, used in (
+                ("img2img", self.init_image),
+                ("hires", self.hires is not None),
+                ("embeddings", self.embeddings),
+            )
+            if used
+        )
 
     @property
     def prompts(self) -> list[str]:

@@ -168,6 +168,10 @@ class Scheduler:
         self.last_lost_look = -math.inf
         # released, unclaimed tasks the broker held nowhere at the last look
         self.missing: set[tuple[str, int]] = set()
+        # the features (farm.spec.FEATURES) every worker on a model renders, as placed this
+        # round; and the (job, model) lanes held back for a feature one of them lacks
+        self.model_features: dict[str, frozenset[str]] = {}
+        self.held_back: set[tuple[str, str]] = set()
         # tasks released in the ledger whose message the broker did not take (it was away):
         # sent first thing next round
         self.unsent: list[Message] = []
@@ -392,8 +396,13 @@ class Scheduler:
             )
         decision = place(states, self.demands(jobs, inventories, now, lanes), now, self.params)
         instances = {w["name"]: w.get("instance", "") for w in inventories}
+        features = {w["name"]: frozenset(w.get("features") or ()) for w in inventories}
+        self.model_features = {}
         holders: dict[str, int] = defaultdict(int)
         for name, model in decision.items():
+            if model:
+                have = features.get(name, frozenset())
+                self.model_features[model] = self.model_features.get(model, have) & have
             if model != current.get(name, (None, 0.0))[0]:
                 load = self.assignments.set(name, model, now, instances.get(name, ""))
                 self.ledger.event(
@@ -421,10 +430,25 @@ class Scheduler:
         lanes: dict[str, dict[str, Lane]],
     ) -> int:
         by_model: dict[str, list[tuple[JobRecord, Lane]]] = defaultdict(list)
+        held_back: set[tuple[str, str]] = set()
         for job in jobs:
+            needs = job.spec.needs()
             for model, lane in lanes[job.id].items():
-                if lane.unreleased or lane.outstanding:
-                    by_model[model].append((job, lane))
+                if not (lane.unreleased or lane.outstanding):
+                    continue
+                have = self.model_features.get(model)
+                if needs and (have is None or not needs <= have):
+                    # no worker holds the model yet (tasks released now could go to any
+                    # that takes it), or one on it is older than a feature the job needs and
+                    # would render the images without it: the job waits
+                    held_back.add((job.id, model))
+                    if have is not None and (job.id, model) not in self.held_back:
+                        lacking = ", ".join(sorted(needs - have))
+                        log.warning("job %s waits: a worker on model %s does not render %s "
+                                    "(an older version)", job.id, model, lacking)  # fmt: skip
+                    continue
+                by_model[model].append((job, lane))
+        self.held_back = held_back
         out: list[Message] = []
         try:  # what the ledger released goes out even if a later release fails
             for model, group in sorted(by_model.items()):

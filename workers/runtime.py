@@ -29,6 +29,7 @@ from farm.config import Config
 from farm.jobs import RUNNABLE, JobNotFound, Ledger, error_text
 from farm.models import EMBEDDING, LORA, ModelEntry, ModelRegistry, lora_hash
 from farm.redis_client import connect
+from farm.spec import FEATURES
 from farm.workers_registry import Assignments, WorkerRegistry
 from storage import StorageError, open_store
 from storage.models import ModelStore
@@ -224,6 +225,7 @@ class Runtime:
                 "disk": self._disk_models(),
             },
             "current_task": self.current_task,
+            "features": list(FEATURES),  # what it renders beyond txt2img (farm.spec)
             "loads": self.stats.loads,
             "load_seconds": self.stats.load_seconds,
             "image_seconds": self.stats.image_seconds,

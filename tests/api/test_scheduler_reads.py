@@ -251,3 +251,38 @@ def test_a_job_hash_stays_small_however_many_cells(
     assert led.release(old, 5, [2], 2) == [5]
     assert [k for k in redis_client.hkeys(okey) if k.startswith(b"c:")] == []
     assert led.get(old).full_cells == 3
+
+
+def test_a_job_needing_a_feature_waits_while_a_worker_on_its_model_lacks_it(
+    submit: Submit, redis_client: redis.Redis, config: Config
+) -> None:
+    """A rolling upgrade: a worker older than a feature reads a job without it and would
+    render the wrong images, so the scheduler sends such a job nothing while one holds its
+    model, and nothing before any worker holds it; a job that needs nothing goes on."""
+    from farm.spec import FEATURES
+    from farm.workers_registry import WorkerRegistry
+
+    workers = WorkerRegistry(redis_client, config.namespace)
+    led = Ledger(redis_client, config.namespace)
+    sched = Scheduler(config, redis_client)
+
+    def pending(job_id: str) -> int:
+        return len(redis_client.zrange(led.job_key(job_id, "pending"), 0, -1))
+
+    base = {"model": "synthetic", "prompt": "p", "count": 8, "batch_size": 2, "seed": 1}
+    hires = led.create(JobSpec(**base, hires={"scale": 2})).id
+    plain = submit(count=8, batch_size=2)["id"]
+    t0 = time.time()
+    sched.tick(now=t0)  # no worker holds the model: the plain job's tasks wait in its queue
+    assert pending(plain) > 0 and pending(hires) == 0
+    assert led.get(hires).spec.needs() == {"hires"}
+
+    workers.publish("old", {"device": "cpu"}, ttl=60)  # an inventory without "features"
+    sched.tick(now=t0 + 1)
+    assert sched.assignments.get("old") is not None  # it holds the model ...
+    assert pending(hires) == 0 and sched.held_back == {(hires, "synthetic")}  # ... so: wait
+
+    workers.publish("old", {"device": "cpu", "features": list(FEATURES)}, ttl=60)  # updated
+    assert led.cancel(plain) == "ok"  # its released tasks took the model's queue slots
+    sched.tick(now=t0 + 2)
+    assert sched.held_back == set() and pending(hires) > 0
