@@ -189,10 +189,14 @@ FLUX_DEFAULTS: dict[str, Any] = {"sampler_name": "Euler", "cfg_scale": 3.5}
 
 def family_problems(engine: str, settings: dict[str, Any]) -> list[tuple[str, str]]:
     """(setting, why) for each of a job's ``settings`` (sampler_name, scheduler, width,
-    height) that a model of family ``engine`` cannot render."""
-    if engine != "flux":
-        return []
+    height, clip_skip) that a model of family ``engine`` cannot render."""
     out = []
+    if settings.get("clip_skip", 1) != 1 and engine != "sd1":
+        why = (f"{settings['clip_skip']} is for SD1 models; a {engine} model reads its own "
+               "layers of its text encoders (A1111 skips none on SDXL either)")  # fmt: skip
+        out.append(("clip_skip", why))
+    if engine != "flux":
+        return out
     for key, allowed in FLUX_LIMITS.items():
         if key in settings and settings[key] not in allowed:
             out.append((key, f"{settings[key]!r} does not render a Flux model; allowed for "

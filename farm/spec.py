@@ -56,7 +56,9 @@ SWEEPABLE = (
     "sampler_name",
     "scheduler",
     "denoising_strength",
+    "clip_skip",
 )
+MAX_CLIP_SKIP = 12  # SD1's text encoder has 12 layers
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -129,6 +131,14 @@ def _check_steps(v: Any) -> int:
     return v
 
 
+def _check_clip_skip(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("must be an integer")
+    if not 1 <= v <= MAX_CLIP_SKIP:
+        raise ValueError(f"must be between 1 (the last layer) and {MAX_CLIP_SKIP}")
+    return v
+
+
 def _check_cfg(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError("must be a number")
@@ -167,6 +177,7 @@ CHECKS = {
     "sampler_name": _check_sampler,
     "scheduler": _check_schedule,
     "denoising_strength": _check_strength,
+    "clip_skip": _check_clip_skip,
 }
 
 
@@ -291,6 +302,11 @@ class JobSpec(BaseModel):
     width: int = 512
     height: int = 512
     steps: int = 20
+    clip_skip: int = Field(
+        1,
+        description="A1111's Clip skip (SD1 models): the prompt's states from this layer of "
+        f"the text encoder counted from the last (1: the last), 1 to {MAX_CLIP_SKIP}",
+    )
     cfg_scale: float = 7.0
     sampler_name: str = "Euler a"
     scheduler: str = "Automatic"
@@ -393,6 +409,11 @@ class JobSpec(BaseModel):
     @classmethod
     def _steps(cls, v: int) -> int:
         return _check_steps(v)
+
+    @field_validator("clip_skip")
+    @classmethod
+    def _clip_skip(cls, v: int) -> int:
+        return _check_clip_skip(v)
 
     @field_validator("cfg_scale")
     @classmethod
@@ -588,6 +609,7 @@ class ImageParams:
     cfg_scale: float
     sampler_name: str
     scheduler: str
+    clip_skip: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight), the job's, in its order
     embeddings: tuple[str, ...] = ()  # the job's textual-inversion embeddings, by name
     init_image: str = ""  # img2img: the job's input picture (sha256 of inputs/<sha>.png)
@@ -653,6 +675,7 @@ class Plan:
             "sampler_name": s.sampler_name,
             "scheduler": s.scheduler,
             "denoising_strength": s.denoising_strength,
+            "clip_skip": s.clip_skip,
         }
         base.update(self.cell_values(cell))
         return base

@@ -218,6 +218,7 @@ def _render_images(
             scheduler=first.scheduler,
             loras=loras,
             embeddings=embeddings,
+            clip_skip=first.clip_skip,
             init_image=init_image,
             denoising_strength=first.denoising_strength,
             hires=hires_request(first),
@@ -236,7 +237,12 @@ def _render_images(
         extra: dict[str, Any] = {}
         if first.init_image:  # A1111's place for it: after the model, before the LoRAs
             extra["Denoising strength"] = first.denoising_strength
-        extra.update(hires_parameters(first))
+        hires = hires_parameters(first)
+        if "Denoising strength" in hires:
+            extra["Denoising strength"] = hires.pop("Denoising strength")
+        if first.clip_skip != 1:  # A1111's: after the strength, when it is not 1
+            extra["Clip skip"] = first.clip_skip
+        extra.update(hires)
         if first.loras:  # as A1111 writes them: the tags in the prompt, the files' hashes
             extra["Lora hashes"] = ", ".join(f"{n}: {lora_hashes[n][:12]}" for n, _ in first.loras)
         used_by = engine.embeddings_used(batch) if embeddings else [[] for _ in images]

@@ -178,7 +178,7 @@ class Farm:
         names = dict.fromkeys([spec.model, *spec.sweep.get("model", [])])
         engines = {e.engine for n in names if (e := self.models.get(n)) is not None}
         for engine in sorted(engines):
-            for key in ("sampler_name", "scheduler", "width", "height"):
+            for key in ("sampler_name", "scheduler", "width", "height", "clip_skip"):
                 values = [(key, getattr(spec, key))]
                 values += [(f"sweep.{key}[{i}]", v) for i, v in enumerate(spec.sweep.get(key, []))]
                 for field, value in values:

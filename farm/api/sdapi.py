@@ -100,6 +100,13 @@ SCHEDULE_TRAITS: dict[str, tuple[float, bool]] = {
 }
 # A1111 settings (``override_settings``, ``/sdapi/v1/options``) with the values the farm
 # renders with: asking for one of these changes nothing, asking for another is refused
+CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"  # a request's override is its job's clip_skip
+# a job's fields by the A1111 request fields that set them, for the 422s
+FIELDS_FROM_SPEC = {
+    "count": "batch_size",
+    "model": MODEL_FIELD,
+    "clip_skip": f"override_settings.{CLIP_SKIP_OPTION}",
+}
 FARM_OPTIONS: dict[str, tuple[Any, ...]] = {
     "CLIP_stop_at_last_layers": (1,),
     "sd_vae": ("Automatic", "None"),
@@ -484,11 +491,18 @@ def _same(value: Any, farm: Any) -> bool:
     return False
 
 
+def _whole(value: Any) -> Any:
+    """A float that is a whole number as an int (A1111's settings arrive as 2.0 too)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def check_options(options: dict[str, Any], prefix: str, bad: Callable[[str, str], None]) -> None:
     """Refuse A1111 settings (other than sd_model_checkpoint) that would render otherwise
     than the farm does."""
     for key, value in options.items():
         if key == "sd_model_checkpoint" or value is None:
+            continue
+        if key == CLIP_SKIP_OPTION and prefix:  # a request's own: the job's clip_skip
             continue
         allowed = FARM_OPTIONS.get(key)
         if allowed is None:
@@ -812,6 +826,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         "width": 512 if body.width is None else body.width,
         "height": 512 if body.height is None else body.height,
         "steps": 50 if body.steps is None else body.steps,
+        "clip_skip": _whole((body.override_settings or {}).get(CLIP_SKIP_OPTION) or 1),
         "cfg_scale": cfg_scale(body, entry),
         "sampler_name": sampler,
         "scheduler": schedule,
@@ -833,7 +848,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
             elif e["field"].startswith("hires"):
                 bad(*_hires_error(e["field"], e["msg"]))
             else:
-                field = {"count": "batch_size", "model": MODEL_FIELD}.get(e["field"], e["field"])
+                field = FIELDS_FROM_SPEC.get(e["field"], e["field"])
                 bad(field, e["msg"])
     if spec is not None and not problems:
         try:
@@ -843,7 +858,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         try:
             farm.check_families(spec)
         except FieldError as exc:
-            bad(exc.field, exc.msg)
+            bad(FIELDS_FROM_SPEC.get(exc.field, exc.field), exc.msg)
         spec = farm.with_embeddings(spec)  # those its prompts name (no field to refuse)
     if problems or spec is None or entry is None:
         raise Refused(problems or [{"field": "body", "msg": f"not a valid {what} request"}])
@@ -942,7 +957,7 @@ def answer(body: SdapiRequest, job: JobRecord, entry: ModelEntry, pngs: list[byt
         "infotexts": [read_parameters(png) or "" for png in pngs],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
-        "clip_skip": 1,
+        "clip_skip": spec.clip_skip,
         "is_using_inpainting_conditioning": False,
         "job_id": job.id,
     }

@@ -53,6 +53,11 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("steps", {"steps": 0}),
     ("steps", {"steps": LIMITS["max_steps"] + 1}),
     ("steps", {"steps": [20]}),
+    ("clip_skip", {"clip_skip": 0}),
+    ("clip_skip", {"clip_skip": 13}),
+    ("clip_skip", {"clip_skip": 1.5}),
+    ("clip_skip", {"clip_skip": 2}),  # the synthetic model has no text encoder
+    ("sweep.clip_skip[1]", {"sweep": {"clip_skip": [1, "two"]}}),
     ("cfg_scale", {"cfg_scale": -0.5}),
     ("cfg_scale", {"cfg_scale": LIMITS["max_cfg_scale"] + 1}),
     ("cfg_scale", {"cfg_scale": NAN}),

@@ -160,3 +160,40 @@ def test_a_checkpoint_whose_unet_reads_more_than_the_latents_is_refused_at_add(
     assert ModelRegistry(redis_client, config.namespace).get("inpaint") is None
     save_file({key: np.zeros((8, 4, 3, 3), np.float32)}, str(path))
     assert register_model(config, redis_client, path, "plain").engine == "sd1"
+
+
+def test_clip_skip_goes_with_sd1_models_only(
+    client: TestClient, flux: ModelEntry, config: Config, redis_client: redis.Redis,
+    store: LocalStore,
+) -> None:  # fmt: skip
+    ModelRegistry(redis_client, config.namespace).add(
+        ModelEntry(name="xl", engine="sdxl", sha256="cd" * 32, size=1)
+    )
+    r = client.post("/v1/jobs", json={"model": "sd", "prompt": "a", "clip_skip": 2})
+    assert r.status_code == 201 and r.json()["spec"]["clip_skip"] == 2
+    swept = {"model": "sd", "prompt": "a", "sweep": {"clip_skip": [1, 2]}}
+    assert client.post("/v1/jobs", json=swept).status_code == 201
+    for body, field in (
+        ({"model": "xl", "clip_skip": 2}, "clip_skip"),
+        ({"model": "flux", "width": 64, "clip_skip": 2}, "clip_skip"),
+        ({"model": "xl", "sweep": {"clip_skip": [1, 2]}}, "sweep.clip_skip[1]"),
+    ):
+        r = client.post("/v1/jobs", json={"prompt": "a", **body})
+        assert r.status_code == 422, r.text
+        got = {d["field"]: d["msg"] for d in r.json()["detail"]}
+        assert "is for SD1 models" in got[field], got
+    # the A1111 API: a request's CLIP_stop_at_last_layers is its job's clip_skip
+    WorkerRegistry(redis_client, config.namespace).publish("w1", {"device": "cpu"}, ttl=60)
+    app = TestClient(
+        create_app(replace(config, sdapi_timeout=0.2), redis_client=redis_client, store=store)
+    )
+    body = {"prompt": "a fox", "override_settings": {"sd_model_checkpoint": "sd"}}
+    body["override_settings"]["CLIP_stop_at_last_layers"] = 2.0
+    r = app.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 504, r.text
+    jobs = Ledger(redis_client, config.namespace).list()
+    assert [j.spec.clip_skip for j in jobs if "a fox" in j.spec.prompts] == [2]
+    body["override_settings"]["sd_model_checkpoint"] = "xl"
+    r = app.post("/sdapi/v1/txt2img", json=body)
+    got = {d["field"]: d["msg"] for d in r.json()["detail"]}
+    assert "is for SD1 models" in got["override_settings.CLIP_stop_at_last_layers"], got

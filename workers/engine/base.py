@@ -184,6 +184,9 @@ class BatchRequest:
     # negative prompt is replaced by its vectors; an engine that reads them has
     # ``takes_embeddings = True`` (other names are plain text, as without any)
     embeddings: tuple[EmbeddingRequest, ...] = ()
+    # A1111's Clip skip (SD1): the prompts' states from this layer of the text encoder,
+    # counted from the last (1: the last); an engine that reads it has ``takes_clip_skip``
+    clip_skip: int = 1
     # img2img: every image starts from this picture (RGB, exactly width x height) noised to
     # the point ``denoising_strength`` of the schedule says, instead of from pure noise
     # (A1111's img2img); an engine that can do it has ``takes_init_image = True``
@@ -202,6 +205,8 @@ class BatchRequest:
                 raise EngineError(f"{field}: {value} is not a positive multiple of {multiple}")
         if self.steps < 1:
             raise EngineError(f"steps: {self.steps} must be >= 1")
+        if self.clip_skip < 1:
+            raise EngineError(f"clip_skip: {self.clip_skip} must be >= 1")
         if self.cfg_scale < 0:
             raise EngineError(f"cfg_scale: {self.cfg_scale} must be >= 0")
         if self.init_image is not None:

@@ -493,6 +493,8 @@ class FluxEngine(TorchEngine):
             )
         if getattr(batch, "loras", ()):
             raise EngineError("loras: the Flux engine takes no LoRA yet")
+        if getattr(batch, "clip_skip", 1) != 1:
+            raise EngineError("clip_skip: the Flux engine reads its encoders' own layers")
         if getattr(batch, "embeddings", ()):
             raise EngineError("embeddings: the Flux engine takes no textual-inversion embeddings")
         if batch.init_image is not None:

@@ -411,6 +411,7 @@ class SD1Engine(UNetEngine):
 
     family = "sd1"
     module_names = ("unet", "vae", "text_encoder")
+    takes_clip_skip = True  # BatchRequest.clip_skip
 
     def __init__(self, components: SD1Components, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, quantize: bool = False) -> None:
@@ -491,7 +492,8 @@ class SD1Engine(UNetEngine):
         return self.encode_chunks([self.prompt_chunks(p) for p in prompts], chunks)
 
     @torch.no_grad()
-    def encode_chunks(self, per: list[list[list[int]]], chunks: int = 1) -> Tensor:
+    def encode_chunks(self, per: list[list[list[int]]], chunks: int = 1,
+                      clip_skip: int = 1) -> Tensor:
         """``encode_prompts`` on prompts already split by ``prompt_chunks``; a chunk's
         embeddings replace its placeholders' token embeddings (``token_fixes``)."""
         n = max(chunks, *(len(c) for c in per))
@@ -499,9 +501,22 @@ class SD1Engine(UNetEngine):
         rows = [chunk for c in per for chunk in c + [empty] * (n - len(c))]
         ids = torch.tensor(rows)
         with token_fixes(self.text_encoder, rows, 0):
-            hidden = self.text_encoder(ids.to(self.device))[0]  # (prompts x n, 77, width)
+            hidden = self.encoder_states(ids.to(self.device), clip_skip)
         hidden = emphasize(hidden, chunk_weights(rows))
         return hidden.reshape(len(per), n * MAX_TOKENS, hidden.shape[-1])
+
+    def encoder_states(self, ids: Tensor, clip_skip: int = 1) -> Tensor:
+        """The text encoder's states of ``ids`` (prompts x 77, width): its last layer's
+        after the final layer norm, or with a Clip skip of n, the n-th layer from the last
+        through that norm (A1111's ``CLIP_stop_at_last_layers``)."""
+        if clip_skip == 1:
+            return self.text_encoder(ids)[0]
+        layers = self.text_encoder.config.num_hidden_layers
+        if clip_skip > layers:
+            raise EngineError(f"clip_skip: {clip_skip}, but the text encoder has {layers} layers")
+        out = self.text_encoder(ids, output_hidden_states=True)
+        text = getattr(self.text_encoder, "text_model", self.text_encoder)
+        return text.final_layer_norm(out.hidden_states[-clip_skip])
 
     def sigmas(self, batch: BatchRequest) -> Tensor:
         schedule = resolve_schedule(batch.sampler_name, batch.scheduler)
@@ -575,8 +590,9 @@ class SD1Engine(UNetEngine):
         out = torch.empty_like(x)
         for n in sorted(set(counts)):
             idx = [i for i, c in enumerate(counts) if c == n]
-            cond = self.encode_chunks([pos[i] for i in idx], n)
-            uncond = self.encode_chunks([neg[i] for i in idx], n) if neg else None
+            cond = self.encode_chunks([pos[i] for i in idx], n, batch.clip_skip)
+            uncond = (self.encode_chunks([neg[i] for i in idx], n, batch.clip_skip)
+                      if neg else None)
             out[idx] = self._sample(batch, cond, uncond, x[idx], [gens[i] for i in idx], sigmas,
                                     progress)
         return out

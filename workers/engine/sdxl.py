@@ -461,6 +461,8 @@ class SDXLEngine(UNetEngine):
         already scaled) replaces the seeded initial noise (or img2img's noised picture);
         ancestral noise stays seeded. ``progress`` is called after every UNet evaluation."""
         batch.validate()
+        if batch.clip_skip != 1:
+            raise EngineError("clip_skip: SDXL reads its encoders' own layers (A1111 skips none)")
         self.embedding_index(batch)  # an embedding that cannot be used fails before LoRAs
         self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
