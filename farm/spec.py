@@ -41,7 +41,7 @@ MAX_SEED = 2**32 - 1
 # render in their inventory ("features"), and the scheduler sends a job's tasks only to a
 # model whose workers all render what it needs (a worker older than a feature would read
 # the job without it and render the wrong images)
-FEATURES = ("img2img", "hires", "embeddings")
+FEATURES = ("img2img", "hires", "embeddings", "clip_skip")
 MAX_LORAS = 8  # LoRAs of one job
 MAX_EMBEDDINGS = 32  # textual-inversion embeddings of one job
 MAX_LORA_WEIGHT = 5.0  # |weight| of a LoRA (slider LoRAs go to about 5)
@@ -576,6 +576,7 @@ class JobSpec(BaseModel):
                 ("img2img", self.init_image),
                 ("hires", self.hires is not None),
                 ("embeddings", self.embeddings),
+                ("clip_skip", {self.clip_skip, *self.sweep.get("clip_skip", [])} != {1}),
             )
             if used
         )
