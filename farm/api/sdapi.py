@@ -492,7 +492,10 @@ def _same(value: Any, farm: Any) -> bool:
 
 
 def _whole(value: Any) -> Any:
-    """A float that is a whole number as an int (A1111's settings arrive as 2.0 too)."""
+    """A setting's number: a float that is a whole number as an int (A1111's settings
+    arrive as 2.0 too), null (not set) as 1."""
+    if value is None:
+        return 1
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
@@ -826,7 +829,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         "width": 512 if body.width is None else body.width,
         "height": 512 if body.height is None else body.height,
         "steps": 50 if body.steps is None else body.steps,
-        "clip_skip": _whole((body.override_settings or {}).get(CLIP_SKIP_OPTION) or 1),
+        "clip_skip": _whole((body.override_settings or {}).get(CLIP_SKIP_OPTION)),
         "cfg_scale": cfg_scale(body, entry),
         "sampler_name": sampler,
         "scheduler": schedule,

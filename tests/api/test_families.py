@@ -193,6 +193,11 @@ def test_clip_skip_goes_with_sd1_models_only(
     assert r.status_code == 504, r.text
     jobs = Ledger(redis_client, config.namespace).list()
     assert [j.spec.clip_skip for j in jobs if "a fox" in j.spec.prompts] == [2]
+    body["override_settings"]["CLIP_stop_at_last_layers"] = 0  # not read as "not given"
+    r = app.post("/sdapi/v1/txt2img", json=body)
+    got = {d["field"]: d["msg"] for d in r.json()["detail"]}
+    assert "must be between 1" in got["override_settings.CLIP_stop_at_last_layers"], got
+    body["override_settings"]["CLIP_stop_at_last_layers"] = 2
     body["override_settings"]["sd_model_checkpoint"] = "xl"
     r = app.post("/sdapi/v1/txt2img", json=body)
     got = {d["field"]: d["msg"] for d in r.json()["detail"]}
