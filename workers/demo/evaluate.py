@@ -69,12 +69,13 @@ def render_prompts(
     """Render (prompt, seed) pairs through the engine in batches and analyse each picture.
     An image is the same whatever batch it is in (its seed's generator makes its noise),
     so the batch size changes only the speed: 48 renders about 15% faster than 8 on a
-    CPU, with the same pixels."""
+    CPU, with the same pixels. A pair listed more than once is rendered once."""
     from workers.engine.base import BatchRequest, ImageRequest
 
-    out: list[Rendered] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
+    distinct = list(dict.fromkeys(items))
+    done: dict[tuple[str, int], Rendered] = {}
+    for start in range(0, len(distinct), batch_size):
+        chunk = distinct[start : start + batch_size]
         batch = BatchRequest(
             tuple(ImageRequest(p, "", s) for p, s in chunk),
             IMAGE_SIZE,
@@ -85,8 +86,8 @@ def render_prompts(
             "Automatic",
         )
         for (prompt, seed), image in zip(chunk, engine.render(batch), strict=True):
-            out.append(Rendered(prompt, seed, image, analyse(image)))
-    return out
+            done[prompt, seed] = Rendered(prompt, seed, image, analyse(image))
+    return [done[item] for item in items]
 
 
 def colour_shape_accuracy(
