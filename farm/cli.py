@@ -69,6 +69,8 @@ def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         "negative_prompt": args.negative_prompt,
         "count": args.count,
         "seed": args.seed,
+        "subseed": args.subseed,
+        "subseed_strength": args.subseed_strength,
         "width": args.width,
         "height": args.height,
         "steps": args.steps,
@@ -398,6 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--negative-prompt")
     sp.add_argument("--count", type=int)
     sp.add_argument("--seed", type=int)
+    sp.add_argument(
+        "--subseed", type=int, metavar="N", help="variation seed (-1: one picked at submit)"
+    )
+    sp.add_argument(
+        "--subseed-strength",
+        type=float,
+        metavar="S",
+        help="variation seeds: 0-1, how far each image's noise goes toward its subseed's; "
+        "the images keep --seed and their subseeds count up",
+    )
     sp.add_argument("--width", type=int)
     sp.add_argument("--height", type=int)
     sp.add_argument("--steps", type=int)

@@ -7,6 +7,9 @@ Image ``k`` is::
     k = (cell * n_prompts + prompt_index) * count + repeat
     seed(k) = job seed + repeat
 
+With variation seeds (``subseed_strength`` not 0) it is A1111's rule instead: every image
+keeps the job seed and its subseed counts up, ``subseed(k) = cell's subseed + repeat``.
+
 Nothing is expanded per image at submit time: every image and every task is computed
 from its index, so accepting a million-image job costs the same as a one-image job.
 A task is a contiguous range of images inside one cell, so all its images share the
@@ -41,7 +44,7 @@ MAX_SEED = 2**32 - 1
 # render in their inventory ("features"), and the scheduler sends a job's tasks only to a
 # model whose workers all render what it needs (a worker older than a feature would read
 # the job without it and render the wrong images)
-FEATURES = ("img2img", "hires", "embeddings", "clip_skip")
+FEATURES = ("img2img", "hires", "embeddings", "clip_skip", "variation_seeds")
 MAX_LORAS = 8  # LoRAs of one job
 MAX_EMBEDDINGS = 32  # textual-inversion embeddings of one job
 MAX_LORA_WEIGHT = 5.0  # |weight| of a LoRA (slider LoRAs go to about 5)
@@ -57,6 +60,8 @@ SWEEPABLE = (
     "scheduler",
     "denoising_strength",
     "clip_skip",
+    "subseed",
+    "subseed_strength",
 )
 MAX_CLIP_SKIP = 12  # SD1's text encoder has 12 layers
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -139,6 +144,22 @@ def _check_clip_skip(v: Any) -> int:
     return v
 
 
+def _check_subseed(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("must be an integer")
+    if not 0 <= v <= MAX_SEED:
+        raise ValueError(f"must be between 0 and {MAX_SEED}")
+    return v
+
+
+def _check_subseed_strength(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError("must be a number")
+    if not 0.0 <= v <= 1.0:
+        raise ValueError("must be between 0 (the seed's noise) and 1 (the subseed's)")
+    return float(v)
+
+
 def _check_cfg(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError("must be a number")
@@ -178,6 +199,8 @@ CHECKS = {
     "scheduler": _check_schedule,
     "denoising_strength": _check_strength,
     "clip_skip": _check_clip_skip,
+    "subseed": _check_subseed,
+    "subseed_strength": _check_subseed_strength,
 }
 
 
@@ -299,6 +322,16 @@ class JobSpec(BaseModel):
     negative_prompt: str = ""
     count: int = Field(1, description="images per prompt and sweep cell (repeats)")
     seed: int = Field(-1, description="job seed; -1 picks one at submit and records it")
+    subseed: int = Field(
+        -1,
+        description="A1111's variation seed: with a subseed_strength, each image's noise is "
+        "blended toward this seed's (+ repeat) while its seed stays the job's; -1 picks one "
+        "at submit",
+    )
+    subseed_strength: float = Field(
+        0.0,
+        description="how far the noise goes toward the variation seed's, 0 (none) to 1 (all of it)",
+    )
     width: int = 512
     height: int = 512
     steps: int = 20
@@ -394,6 +427,18 @@ class JobSpec(BaseModel):
         if not -1 <= v <= MAX_SEED:
             raise ValueError(f"must be -1 (random) or between 0 and {MAX_SEED}")
         return v
+
+    @field_validator("subseed")
+    @classmethod
+    def _subseed(cls, v: int) -> int:
+        if isinstance(v, bool) or not -1 <= v <= MAX_SEED:
+            raise ValueError(f"must be -1 (random) or between 0 and {MAX_SEED}")
+        return v
+
+    @field_validator("subseed_strength")
+    @classmethod
+    def _subseed_strength(cls, v: float) -> float:
+        return _check_subseed_strength(v)
 
     @field_validator("width")
     @classmethod
@@ -577,19 +622,28 @@ class JobSpec(BaseModel):
                 ("hires", self.hires is not None),
                 ("embeddings", self.embeddings),
                 ("clip_skip", {self.clip_skip, *self.sweep.get("clip_skip", [])} != {1}),
+                ("variation_seeds", self.varies()),
             )
             if used
         )
+
+    def varies(self) -> bool:
+        """Whether some image has variation seeds (a subseed strength other than 0)."""
+        return {self.subseed_strength, *self.sweep.get("subseed_strength", [])} != {0.0}
 
     @property
     def prompts(self) -> list[str]:
         return self.prompt if isinstance(self.prompt, list) else [self.prompt]
 
     def resolved(self) -> JobSpec:
-        """The spec with a concrete seed, as it is recorded at submit."""
-        if self.seed != -1:
-            return self
-        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+        """The spec with a concrete seed (and subseed, when it varies), as it is recorded
+        at submit."""
+        update: dict[str, int] = {}
+        if self.seed == -1:
+            update["seed"] = secrets.randbelow(MAX_SEED + 1)
+        if self.subseed == -1 and self.varies():
+            update["subseed"] = secrets.randbelow(MAX_SEED + 1)
+        return self.model_copy(update=update) if update else self
 
 
 @dataclass(frozen=True)
@@ -611,6 +665,8 @@ class ImageParams:
     sampler_name: str
     scheduler: str
     clip_skip: int = 1
+    subseed: int = -1  # the variation seed (-1: none)
+    subseed_strength: float = 0.0  # 0: the image's noise is its seed's alone
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight), the job's, in its order
     embeddings: tuple[str, ...] = ()  # the job's textual-inversion embeddings, by name
     init_image: str = ""  # img2img: the job's input picture (sha256 of inputs/<sha>.png)
@@ -635,8 +691,8 @@ class Plan:
     """Index arithmetic over a (resolved) spec: images, cells and tasks, all O(1)."""
 
     def __init__(self, spec: JobSpec, default_batch_size: int | None = None):
-        if spec.seed < 0:
-            raise ValueError("plan needs a resolved spec (seed chosen)")
+        if spec.seed < 0 or (spec.subseed < 0 and spec.varies()):
+            raise ValueError("plan needs a resolved spec (seed and subseed chosen)")
         self.spec = spec
         self.sweep_keys = list(spec.sweep)
         self.sweep_sizes = [len(spec.sweep[k]) for k in self.sweep_keys]
@@ -677,6 +733,8 @@ class Plan:
             "scheduler": s.scheduler,
             "denoising_strength": s.denoising_strength,
             "clip_skip": s.clip_skip,
+            "subseed": s.subseed,
+            "subseed_strength": s.subseed_strength,
         }
         base.update(self.cell_values(cell))
         return base
@@ -739,18 +797,22 @@ class Plan:
             raise IndexError(f"image {index} out of range 0..{self.total - 1}")
         cell, rest = divmod(index, self.per_cell)
         prompt_index, repeat = divmod(rest, self.spec.count)
+        settings = self.cell_settings(cell)
+        seed = self.spec.seed + repeat
+        if settings["subseed_strength"]:  # A1111: the seed stays, the subseed counts up
+            seed, settings["subseed"] = self.spec.seed, settings["subseed"] + repeat
         return ImageParams(
             index=index,
             cell=cell,
             prompt_index=prompt_index,
             repeat=repeat,
             prompt=self.spec.prompts[prompt_index],
-            seed=self.spec.seed + repeat,
+            seed=seed,
             loras=self._loras,
             embeddings=self._embeddings,
             init_image=self.spec.init_image,
             hires=self.spec.hires,
-            **self.cell_settings(cell),
+            **settings,
         )
 
     def task(self, task_no: int) -> TaskRange:

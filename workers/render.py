@@ -209,7 +209,16 @@ def _render_images(
             embeddings, ti_hashes = _load_embeddings(rt, engine, first)
         stage = "render"
         batch = BatchRequest(
-            images=tuple(ImageRequest(p.prompt, p.negative_prompt, p.seed) for p in images),
+            images=tuple(
+                ImageRequest(
+                    p.prompt,
+                    p.negative_prompt,
+                    p.seed,
+                    subseed=max(p.subseed, 0),
+                    subseed_strength=p.subseed_strength,
+                )
+                for p in images
+            ),
             width=first.width,
             height=first.height,
             steps=first.steps,
@@ -251,6 +260,12 @@ def _render_images(
                 extra["TI hashes"] = ", ".join(f"{n}: {ti_hashes[n][:12]}" for n in used)
             else:
                 extra.pop("TI hashes", None)
+            own: dict[str, Any] = {}
+            if p.subseed_strength:  # A1111's place: after the model, before the strength
+                own = {
+                    "Variation seed": p.subseed,
+                    "Variation seed strength": _weight(p.subseed_strength),
+                }
             text = format_parameters(
                 prompt=lora_prompt(p.prompt, p.loras),
                 negative_prompt=p.negative_prompt,
@@ -263,7 +278,7 @@ def _render_images(
                 height=p.height,
                 model=p.model,
                 model_hash=model_hash,
-                extra={**extra, "Farm job": job_id, "Farm index": p.index},
+                extra={**own, **extra, "Farm job": job_id, "Farm index": p.index},
             )
             key, data = image_key(prefix, job_id, p.index, p.seed), encode_png(picture, text)
 

@@ -339,9 +339,11 @@ def create_app(
                 url = store.url(key)
             except storage.StorageError as exc:
                 raise HTTPException(503, f"object storage is unavailable: {exc}") from None
+            subseed = image.subseed if image.subseed_strength else None
             out.append(
-                {"index": index, "seed": image.seed, "prompt": image.prompt, "key": key, "url": url}
-            )
+                {"index": index, "seed": image.seed, "subseed": subseed, "prompt": image.prompt,
+                 "key": key, "url": url}
+            )  # fmt: skip
         next_offset = offset + len(out) if len(out) == limit else None
         return SafeJSONResponse({"job": job.id, "images": out, "next_offset": next_offset})
 

@@ -73,6 +73,9 @@ class ErrorsPage(BaseModel):
 class ImageInfo(BaseModel):
     index: int
     seed: int
+    subseed: int | None = Field(
+        None, description="its variation seed, when its job has a subseed_strength"
+    )
     prompt: str
     key: str = Field(description="object key in the farm's storage")
     url: str = Field(description="where to GET the PNG (presigned on S3)")

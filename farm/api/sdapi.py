@@ -3,13 +3,15 @@ Diffusion WebUI's API drive the farm unchanged.
 
 ``POST /sdapi/v1/txt2img`` takes A1111's request body, submits one job of ``batch_size x
 n_iter`` images with seeds ``seed .. seed+n-1`` (A1111's ``all_seeds``; the farm's image
-seed is the job seed plus the repeat index), waits until the job ends and answers with
-the PNGs in base64 and A1111's ``parameters`` and ``info``. A field that would change the
-picture in a way the farm cannot render (hires fix, face restoration, scripts, ...) is
-refused with a 422 naming it, never dropped; a field that does not change the picture is
-accepted. A field A1111 does not have is refused too: the farm cannot tell whether it
-would have changed the picture. ``<lora:name:weight>`` tags in the prompt become the job's
-``loras`` and leave the prompt the model reads, as in A1111.
+seed is the job seed plus the repeat index; with a ``subseed_strength``, A1111's variation
+seeds, every image keeps ``seed`` and its subseed counts up from ``subseed``), waits
+until the job ends and answers with the PNGs in base64 and A1111's ``parameters`` and
+``info``. A field that would change the picture in a way the farm cannot render (face
+restoration, scripts, ...) is refused with a 422 naming it, never dropped; a field that
+does not change the picture is accepted. A field A1111 does not have is refused too: the
+farm cannot tell whether it would have changed the picture. ``<lora:name:weight>`` tags
+in the prompt become the job's ``loras`` and leave the prompt the model reads, as in
+A1111.
 
 ``POST /sdapi/v1/img2img`` is the same with A1111's img2img body: ``init_images`` holds the
 picture (base64, a ``data:`` URL too; several only if they are all the same picture), which
@@ -137,8 +139,10 @@ class SdapiRequest(BaseModel):
     negative_prompt: str | None = ""
     styles: list[str] | None = Field(None, description="refused: the farm has no styles")
     seed: int | None = Field(-1, description="-1 picks one; image i gets seed + i")
-    subseed: int | None = -1
-    subseed_strength: float | None = Field(0, description="refused unless 0")
+    subseed: int | None = Field(-1, description="the variation seed; -1 picks one")
+    subseed_strength: float | None = Field(
+        0, description="0 to 1: how far each image's noise goes toward its variation seed's"
+    )
     seed_resize_from_h: int | None = -1
     seed_resize_from_w: int | None = -1
     sampler_name: str | None = Field(
@@ -530,8 +534,6 @@ def refusals(body: SdapiRequest, sampler: str, bad: Callable[[str, str], None]) 
         bad("restore_faces", "face restoration is not available on the farm")
     if body.tiling:
         bad("tiling", "tiling (seamless textures) is not available on the farm")
-    if body.subseed_strength:
-        bad("subseed_strength", "variation seeds are not available on the farm; send 0")
     sw, sh = body.seed_resize_from_w or -1, body.seed_resize_from_h or -1
     if sw > 0 and sh > 0 and (sw, sh) != (width, height):
         bad("seed_resize_from_w", "resizing the seed's noise is not available on the farm")
@@ -826,6 +828,8 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         "negative_prompt": body.negative_prompt or "",
         "count": count,
         "seed": -1 if body.seed is None else body.seed,
+        "subseed": -1 if body.subseed is None else body.subseed,
+        "subseed_strength": body.subseed_strength or 0.0,
         "width": 512 if body.width is None else body.width,
         "height": 512 if body.height is None else body.height,
         "steps": 50 if body.steps is None else body.steps,
@@ -916,8 +920,14 @@ def read_images(farm: Farm, job: JobRecord) -> list[bytes]:
 def answer(body: SdapiRequest, job: JobRecord, entry: ModelEntry, pngs: list[bytes]) -> Response:
     """A1111's TextToImageResponse (or ImageToImageResponse) for a job that is done."""
     spec, n = job.spec, len(pngs)
-    seeds = [spec.seed + i for i in range(n)]
-    subseed = -1 if body.subseed is None else body.subseed
+    plan = Plan(spec, job.extra.get("batch_size"))
+    params = [plan.image(i) for i in range(n)]
+    seeds = [p.seed for p in params]
+    if spec.varies():
+        subseeds = [p.subseed for p in params]
+    else:  # the request's, echoed as before: it changed nothing
+        subseed = -1 if body.subseed is None else body.subseed
+        subseeds = [subseed + i if subseed >= 0 else -1 for i in range(n)]
     prompt = body.prompt or ""  # with its LoRA tags, as A1111 answers it
     info = {
         "prompt": prompt,
@@ -926,9 +936,9 @@ def answer(body: SdapiRequest, job: JobRecord, entry: ModelEntry, pngs: list[byt
         "all_negative_prompts": [spec.negative_prompt] * n,
         "seed": seeds[0],
         "all_seeds": seeds,
-        "subseed": subseed,
-        "all_subseeds": [subseed + i if subseed >= 0 else -1 for i in range(n)],
-        "subseed_strength": 0,
+        "subseed": subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": spec.subseed_strength,
         "width": spec.width,
         "height": spec.height,
         "sampler_name": spec.sampler_name,

@@ -277,6 +277,7 @@ def test_a_job_needing_a_feature_waits_while_a_worker_on_its_model_lacks_it(
     assert pending(plain) > 0 and pending(hires) == 0
     assert led.get(hires).spec.needs() == {"hires"}
     assert JobSpec(**base, sweep={"clip_skip": [1, 2]}).needs() == {"clip_skip"}
+    assert JobSpec(**base, subseed_strength=0.5).needs() == {"variation_seeds"}
     assert JobSpec(**base).needs() == frozenset()
 
     workers.publish("old", {"device": "cpu"}, ttl=60)  # an inventory without "features"

@@ -107,6 +107,16 @@ def test_a1111_fields_map_to_one_job(make_client: MakeClient, worker: str) -> No
     alias = {**body, "sampler_name": None, "sampler_index": "k_euler_a"}
     assert timed_out_job(make_client(), alias)["spec"]["sampler_name"] == "Euler a"
 
+    # variation seeds: A1111's all_seeds stay the seed, all_subseeds count up
+    varied = {**body, "subseed": 99, "subseed_strength": 0.25}
+    spec = timed_out_job(make_client(), varied)["spec"]
+    assert (spec["subseed"], spec["subseed_strength"]) == (99, 0.25)
+    plan = Plan(JobSpec(**spec), job["batch_size"])
+    assert [plan.image(i).seed for i in range(6)] == [1234] * 6
+    assert [plan.image(i).subseed for i in range(6)] == list(range(99, 105))
+    random_sub = timed_out_job(make_client(), {**varied, "subseed": -1})["spec"]
+    assert 0 <= random_sub["subseed"] <= MAX_SEED  # picked at submit and recorded
+
 
 def test_missing_and_null_fields_take_a1111_defaults(make_client: MakeClient, worker: str) -> None:
     nulls = {
@@ -176,7 +186,6 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("firstphase_width", {"firstphase_width": 256}),
     ("restore_faces", {"restore_faces": True}),
     ("tiling", {"tiling": True}),
-    ("subseed_strength", {"subseed_strength": 0.3}),
     ("seed_resize_from_w", {"seed_resize_from_w": 256, "seed_resize_from_h": 256}),
     ("styles", {"styles": ["cinematic"]}),
     ("script_name", {"script_name": "x/y/z plot"}),
@@ -217,6 +226,11 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("steps", {"steps": "many"}),
     ("seed", {"seed": -2}),
     ("seed", {"seed": MAX_SEED + 1}),
+    ("subseed", {"subseed": -2, "subseed_strength": 0.3}),
+    ("subseed", {"subseed": MAX_SEED + 1}),
+    ("subseed_strength", {"subseed_strength": 1.5}),
+    ("subseed_strength", {"subseed_strength": "some"}),
+    ("subseed_strength", {"subseed_strength": -0.1}),
     ("cfg_scale", {"cfg_scale": "high"}),
     ("cfg_scale", {"cfg_scale": LIMITS["max_cfg_scale"] + 1}),
     ("batch_size", {"batch_size": 0}),

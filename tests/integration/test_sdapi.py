@@ -89,6 +89,34 @@ def test_a_random_seed_is_told_and_send_images_false_answers_none(
     assert seeds == info["all_seeds"]
 
 
+def test_variation_seeds_blend_each_image_toward_its_subseed(
+    farm: tuple[Cluster, TestClient],
+) -> None:
+    cluster, client = farm
+    pngs, info, _ = txt2img(client, seed=42, subseed=900, subseed_strength=0.25, batch_size=3)
+    # A1111's rule: every image keeps the seed, the subseeds count up
+    assert (info["seed"], info["all_seeds"]) == (42, [42, 42, 42])
+    assert (info["subseed"], info["all_subseeds"]) == (900, [900, 901, 902])
+    assert info["subseed_strength"] == 0.25
+    for i, png in enumerate(pngs):
+        colour = Image.open(io.BytesIO(png)).convert("RGB").getpixel((5, 5))
+        a, b = seed_colour(42), seed_colour(900 + i)  # the synthetic model blends them
+        assert colour == tuple(round(x * 0.75 + y * 0.25) for x, y in zip(a, b, strict=True))
+        params = parse_parameters(read_parameters(png) or "")
+        assert params["seed"] == 42
+        assert params["extra"]["Variation seed"] == str(900 + i)
+        assert params["extra"]["Variation seed strength"] == "0.25"
+        assert list(params["extra"])[:2] == ["Variation seed", "Variation seed strength"]
+    stored = client.get(f"/v1/jobs/{info['job_id']}/images").json()["images"]
+    assert [(i["seed"], i["subseed"]) for i in stored] == [(42, 900), (42, 901), (42, 902)]
+    # strength 0: plain seeds, no variation in the PNGs or the listing
+    plain, info, _ = txt2img(client, seed=42, subseed=900, batch_size=2)
+    assert info["all_seeds"] == [42, 43] and info["subseed_strength"] == 0
+    assert "Variation seed" not in parse_parameters(read_parameters(plain[0]) or "")["extra"]
+    stored = client.get(f"/v1/jobs/{info['job_id']}/images").json()["images"]
+    assert [i["subseed"] for i in stored] == [None, None]
+
+
 def test_requests_waiting_side_by_side_each_get_their_own_images(
     farm: tuple[Cluster, TestClient],
 ) -> None:

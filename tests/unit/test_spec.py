@@ -103,6 +103,13 @@ def test_random_seed_is_resolved_and_recorded():
         ("priority", 101),
         ("count", 0),
         ("seed", -2),
+        ("subseed", -2),
+        ("subseed", 2**32),
+        ("subseed_strength", 1.01),
+        ("subseed_strength", -0.5),
+        ("subseed_strength", "half"),
+        ("sweep", {"subseed_strength": [0.5, 2]}),
+        ("sweep", {"subseed": [-1]}),
         ("batch_size", 0),
         ("output_prefix", "../etc"),
         ("sweep", {"prompt": ["x"]}),
@@ -122,3 +129,51 @@ def test_invalid_fields_are_rejected_naming_the_field(field, value):
 def test_total_over_the_limit_is_rejected():
     with pytest.raises(ValidationError, match="images; at most"):
         spec(count=10_000_000, prompt=["a", "b"])
+
+
+def test_variation_seeds_keep_the_seed_and_count_the_subseed_up_as_a1111():
+    plain = Plan(spec(count=3, subseed=500))
+    assert [(plain.image(i).seed, plain.image(i).subseed_strength) for i in range(3)] == [
+        (100, 0.0), (101, 0.0), (102, 0.0)
+    ]  # fmt: skip
+    varied = Plan(spec(count=3, subseed=500, subseed_strength=0.3))
+    images = [varied.image(i) for i in range(3)]
+    assert [(p.seed, p.subseed, p.subseed_strength) for p in images] == [
+        (100, 500, 0.3), (100, 501, 0.3), (100, 502, 0.3)
+    ]  # fmt: skip
+    # swept: a cell of strength 0 is a plain one, the others vary from the cell's subseed
+    swept = Plan(
+        spec(count=2, subseed=7, sweep={"subseed_strength": [0, 0.5], "subseed": [10, 20]})
+    )
+    got = [(p.seed, p.subseed, p.subseed_strength) for p in map(swept.image, range(8))]
+    assert got == [
+        (100, 10, 0.0), (101, 10, 0.0), (100, 20, 0.0), (101, 20, 0.0),
+        (100, 10, 0.5), (100, 11, 0.5), (100, 20, 0.5), (100, 21, 0.5),
+    ]  # fmt: skip
+    assert spec(subseed_strength=0.5).needs() == {"variation_seeds"}
+    assert spec(sweep={"subseed_strength": [0, 0.1]}).needs() == {"variation_seeds"}
+    assert spec(subseed=5, sweep={"subseed": [1, 2]}).needs() == frozenset()
+
+
+def test_a_random_subseed_is_resolved_only_when_it_is_used():
+    assert spec(subseed=-1).resolved().subseed == -1  # no strength: nothing to pick
+    varied = spec(seed=-1, subseed=-1, subseed_strength=0.2)
+    with pytest.raises(ValueError, match="subseed"):
+        Plan(spec(subseed=-1, subseed_strength=0.2))
+    resolved = varied.resolved()
+    assert 0 <= resolved.seed < 2**32 and 0 <= resolved.subseed < 2**32
+    assert resolved.resolved() is resolved
+    assert Plan(resolved).image(0).subseed == resolved.subseed
+
+
+def test_farm_submit_takes_variation_seed_flags():
+    from farm.cli import build_parser, spec_from_args
+    from farm.config import Config
+
+    args = build_parser().parse_args(
+        ["submit", "--prompt", "x", "--subseed", "9", "--subseed-strength", "0.4"]
+    )
+    job = JobSpec(**spec_from_args(args, Config.from_env()))
+    assert (job.subseed, job.subseed_strength) == (9, 0.4)
+    plain = spec_from_args(build_parser().parse_args(["submit", "--prompt", "x"]), Config())
+    assert "subseed" not in plain and "subseed_strength" not in plain

@@ -3,14 +3,17 @@ Torch-free: importing this module costs nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from workers.engine.names import SAMPLERS, SCHEDULES, resolve_schedule
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
+    from torch import Tensor
 
 __all__ = [
     "SAMPLERS",
@@ -32,6 +35,8 @@ __all__ = [
     "LoraRequest",
     "Progress",
     "TorchEngine",
+    "first_noise",
+    "slerp",
 ]
 
 Progress = Callable[[], object]  # called once per completed step of a render
@@ -60,6 +65,10 @@ class ImageRequest:
     prompt: str
     negative_prompt: str
     seed: int
+    # A1111's variation seed: the image's initial noise is slerp'd toward the subseed's
+    # noise by this strength (``first_noise``); 0 leaves it the seed's
+    subseed: int = 0
+    subseed_strength: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,12 @@ class BatchRequest:
                 raise EngineError(f"{field}: {value} is not a positive multiple of {multiple}")
         if self.steps < 1:
             raise EngineError(f"steps: {self.steps} must be >= 1")
+        for image in self.images:
+            strength = image.subseed_strength
+            if not (math.isfinite(strength) and 0 <= strength <= 1):
+                raise EngineError(f"subseed_strength: {strength} must be between 0 and 1")
+            if image.subseed < 0:
+                raise EngineError(f"subseed: {image.subseed} must be >= 0")
         if self.clip_skip < 1:
             raise EngineError(f"clip_skip: {self.clip_skip} must be >= 1")
         if self.cfg_scale < 0:
@@ -237,6 +252,46 @@ def img2img_start(steps: int, denoising_strength: float) -> int:
     the smallest strengths)."""
     t_enc = int(min(denoising_strength, 0.999) * steps)
     return steps - t_enc - 1
+
+
+def slerp(val: float, low: Tensor, high: Tensor) -> Tensor:
+    """A1111's ``slerp`` (``modules/processing.py``), as it is applied there: to one image's
+    noise tensors ``low`` and ``high`` of shape (C, H, W), normalised along dim 1 and
+    interpolated per (C, W) column; ``val`` 0 gives ``low``, 1 gives ``high``."""
+    import torch
+
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        # near parallel: A1111's linear fallback, whose weights are the other way round
+        # from the slerp below (val weighs low); kept as A1111 has it
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (
+        torch.sin(val * omega) / so
+    ).unsqueeze(1) * high
+
+
+def first_noise(
+    images: Sequence[ImageRequest], shape: Sequence[int], gens: list[torch.Generator]
+) -> Tensor:
+    """The batch's initial noise (N, *shape): each image's ``randn(shape)`` from its own
+    generator ``gens[i]``, which that draw advances exactly as without a variation seed
+    (its later, ancestral, noise is the same), then, for a ``subseed_strength`` s != 0,
+    ``slerp(s, noise, randn(shape))`` toward the noise of a fresh CPU generator of its
+    ``subseed`` (A1111's variation seed; s 0 leaves the noise bit for bit the seed's)."""
+    import torch
+
+    out = []
+    for image, gen in zip(images, gens, strict=True):
+        noise = torch.randn(shape, generator=gen)
+        if image.subseed_strength != 0:
+            sub_gen = torch.Generator("cpu").manual_seed(image.subseed)
+            noise = slerp(image.subseed_strength, noise, torch.randn(shape, generator=sub_gen))
+        out.append(noise)
+    return torch.stack(out)
 
 
 class TorchEngine:

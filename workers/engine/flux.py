@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, Progress, TorchEngine
+from workers.engine.base import BatchRequest, EngineError, Progress, TorchEngine, first_noise
 from workers.engine.loader import read_header
 from workers.engine.sd1 import ENGINE_DIR, _load_into, load_tokenizer, run_sampler
 from workers.engine.sd1 import import_libraries as sd1_libraries
@@ -529,9 +529,10 @@ class FluxEngine(TorchEngine):
         return [torch.Generator("cpu").manual_seed(r.seed) for r in batch.images]
 
     def initial_noise(self, batch: BatchRequest) -> Tensor:
-        """Each image's noise drawn as (16, H/8, W/8) from its own generator, then packed."""
+        """Each image's noise drawn as (16, H/8, W/8) from its own generator, slerp'd toward
+        its subseed's (``first_noise``, A1111's variation seed), then packed."""
         shape = self.latent_shape(batch)
-        return pack(torch.stack([torch.randn(shape, generator=g) for g in self.generators(batch)]))
+        return pack(first_noise(batch.images, shape, self.generators(batch)))
 
     def _denoiser(
         self, cond: Cond, guidance: Tensor | None, img_ids: Tensor, progress: Progress | None

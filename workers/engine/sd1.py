@@ -22,6 +22,7 @@ from workers.engine.base import (
     LoraRequest,
     Progress,
     TorchEngine,
+    first_noise,
     hires_start,
     img2img_start,
 )
@@ -563,7 +564,7 @@ class SD1Engine(UNetEngine):
         self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        noise = first_noise(batch.images, shape, gens)  # variation seeds slerp'd in
         # the sampler's arithmetic runs in float32 whatever the UNet's dtype
         sigmas = self.schedule(batch).to(self.device)
         x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, Progress
+from workers.engine.base import BatchRequest, EngineError, Progress, first_noise
 from workers.engine.embeddings import EmbeddingStore, token_fixes
 from workers.engine.lora import ROOTS, MergedLoras, module_index
 from workers.engine.names import resolve_schedule
@@ -467,7 +467,7 @@ class SDXLEngine(UNetEngine):
         self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        noise = first_noise(batch.images, shape, gens)  # variation seeds slerp'd in
         sigmas = self.schedule(batch).to(self.device)  # sampler arithmetic in float32
         x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents
         x = x.to(self.device, torch.float32)
