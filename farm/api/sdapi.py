@@ -26,7 +26,9 @@ the threadpool) 0.05 s after submitting, then ever less often, at most 0.5 s apa
 ends after ``FARM_SDAPI_TIMEOUT`` seconds with a 504 naming the job, or when the client
 goes away; either way the job is cancelled (its images done so far stay), since an A1111
 client that got no images treats the request as failed and sends it again: a job left
-queued would render for nobody, ahead of the request sent again.
+queued would render for nobody, ahead of the request sent again. ``POST /interrupt``
+cancels the newest request's job, the one ``/progress`` follows; that request answers
+200 with the images finished by then, as A1111's interrupted request does.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 import redis
@@ -902,13 +904,13 @@ async def wait_end(farm: Farm, job_id: str, timeout: float, request: Request) ->
             return "timeout"
 
 
-def read_images(farm: Farm, job: JobRecord) -> list[bytes]:
-    """The job's PNGs from the store, in index (= seed) order."""
+def read_images(farm: Farm, job: JobRecord, indices: Sequence[int]) -> list[bytes]:
+    """The job's PNGs of ``indices`` from the store, in that order."""
     plan = Plan(job.spec, job.extra.get("batch_size"))
     prefix = job.spec.output_prefix or farm.config.output_prefix
     store = farm.store()
     out = []
-    for index in range(plan.total):
+    for index in indices:
         key = image_key(prefix, job.id, index, plan.image(index).seed)
         try:
             out.append(store.get_bytes(key))
@@ -917,26 +919,29 @@ def read_images(farm: Farm, job: JobRecord) -> list[bytes]:
     return out
 
 
-def answer(body: SdapiRequest, job: JobRecord, entry: ModelEntry, pngs: list[bytes]) -> Response:
-    """A1111's TextToImageResponse (or ImageToImageResponse) for a job that is done."""
+def answer(
+    body: SdapiRequest, job: JobRecord, entry: ModelEntry, indices: Sequence[int], pngs: list[bytes]
+) -> Response:
+    """A1111's TextToImageResponse (or ImageToImageResponse) for a job that is done, or
+    was interrupted with the images of ``indices`` done."""
     spec, n = job.spec, len(pngs)
     plan = Plan(spec, job.extra.get("batch_size"))
-    params = [plan.image(i) for i in range(n)]
+    params = [plan.image(i) for i in indices]
     seeds = [p.seed for p in params]
     if spec.varies():
         subseeds = [p.subseed for p in params]
     else:  # the request's, echoed as before: it changed nothing
         subseed = -1 if body.subseed is None else body.subseed
-        subseeds = [subseed + i if subseed >= 0 else -1 for i in range(n)]
+        subseeds = [subseed + i if subseed >= 0 else -1 for i in indices]
     prompt = body.prompt or ""  # with its LoRA tags, as A1111 answers it
     info = {
         "prompt": prompt,
         "all_prompts": [prompt] * n,
         "negative_prompt": spec.negative_prompt,
         "all_negative_prompts": [spec.negative_prompt] * n,
-        "seed": seeds[0],
+        "seed": seeds[0] if seeds else spec.seed,
         "all_seeds": seeds,
-        "subseed": subseeds[0],
+        "subseed": subseeds[0] if subseeds else -1,
         "all_subseeds": subseeds,
         "subseed_strength": spec.subseed_strength,
         "width": spec.width,
@@ -986,6 +991,11 @@ def answer(body: SdapiRequest, job: JobRecord, entry: ModelEntry, pngs: list[byt
     return SafeJSONResponse(content, headers={"X-Farm-Job": job.id})
 
 
+def interrupted_key(farm: Farm, job_id: str) -> str:
+    """Set while an interrupted job's request answers (``POST /sdapi/v1/interrupt``)."""
+    return farm.ledger.key("sdapi", "interrupted", job_id)
+
+
 def ended(farm: Farm, body: SdapiRequest, job_id: str, entry: ModelEntry) -> Response:
     """The answer for a job that has ended: its images, or why there are none."""
     try:
@@ -994,7 +1004,12 @@ def ended(farm: Farm, body: SdapiRequest, job_id: str, entry: ModelEntry) -> Res
         raise HTTPException(502, f"job {job_id} vanished while it was awaited") from None
     where = {"X-Farm-Job": job.id}
     if job.state == "done":
-        return answer(body, job, entry, read_images(farm, job))
+        indices = range(job.total)
+        return answer(body, job, entry, indices, read_images(farm, job, indices))
+    if job.state == "cancelled" and farm.redis.exists(interrupted_key(farm, job.id)):
+        # A1111 answers an interrupted request with the images it had finished
+        indices = farm.ledger.done_indices(job.id, 0, job.total)
+        return answer(body, job, entry, indices, read_images(farm, job, indices))
     if job.state == "failed":
         last = farm.ledger.errors(job.id, limit=1)
         why = (
@@ -1084,6 +1099,23 @@ def router(farm: Farm) -> APIRouter:
                     headers={"X-Farm-Job": job.id},
                 )
         return await run_in_threadpool(ended, farm, body, job.id, entry)
+
+    @api.post(
+        "/interrupt",
+        response_model=dict[str, Any],
+        responses=ERRORS,
+        summary="Stop the newest txt2img or img2img job: its request answers the images "
+        "finished so far",
+    )
+    def interrupt() -> Response:
+        # as A1111's: one stop for the farm's A1111 clients, the job /progress follows
+        raw = farm.redis.get(current_key)
+        if raw:
+            job_id = raw.decode() if isinstance(raw, bytes) else raw
+            ttl = max(1, math.ceil(config.sdapi_timeout) + 60)
+            farm.redis.set(interrupted_key(farm, job_id), 1, ex=ttl)  # before it ends
+            farm.ledger.cancel(job_id)
+        return SafeJSONResponse({})
 
     @api.get(
         "/sd-models",

@@ -11,6 +11,8 @@ its (tiny) timeout, and the job it submitted tells how the fields were mapped.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from farm.api.app import create_app
 from farm.config import Config
@@ -29,6 +32,8 @@ from farm.models import ModelEntry, ModelRegistry
 from farm.spec import MAX_SEED, JobSpec, Plan
 from farm.workers_registry import WorkerRegistry
 from storage import LocalStore
+from storage.keys import image_key
+from storage.png import encode_png
 from tests.api.conftest import LIMITS, fields
 from workers.engine.names import SAMPLERS, SCHEDULES
 
@@ -364,6 +369,43 @@ def test_progress_follows_the_awaited_job_and_a_cancel_ends_the_wait(
     (r,) = answers
     assert r.status_code == 409 and f"job {job_id} was cancelled" in r.json()["detail"]
     assert client.get("/sdapi/v1/progress").json()["progress"] == 0.0
+
+
+def test_interrupt_answers_the_images_finished_so_far(
+    make_client: MakeClient, worker: str, redis_client: redis.Redis, config: Config,
+    store: LocalStore,
+) -> None:  # fmt: skip
+    led = ledger(redis_client, config)
+    client = make_client(timeout=20)
+    assert client.post("/sdapi/v1/interrupt").json() == {}  # nothing to stop
+    answers: list[Any] = []
+    body = {"prompt": "x", "seed": 500, "batch_size": 2, "n_iter": 3, **SYNTH}
+    thread = threading.Thread(
+        target=lambda: answers.append(client.post("/sdapi/v1/txt2img", json=body))
+    )
+    thread.start()
+    job_id = _awaited_job(led)
+    texts = [f"x\nSteps: 50, Seed: {500 + i}, Size: 8x8" for i in (0, 1, 2)]
+    for i in (0, 2):  # a worker finished images 0 and 2 (of two tasks) when it came
+        png = encode_png(Image.new("RGB", (8, 8), (i, 0, 0)), texts[i])
+        store.put_bytes(image_key(config.output_prefix, job_id, i, 500 + i), png, "image/png")
+    led.mark(job_id, [0, 2], ok=True)
+    r = client.post("/sdapi/v1/interrupt")
+    assert (r.status_code, r.json()) == (200, {})
+    thread.join(10)
+    (got,) = answers
+    assert got.status_code == 200, got.text
+    info = json.loads(got.json()["info"])
+    assert (info["seed"], info["all_seeds"]) == (500, [500, 502])
+    assert info["infotexts"] == [texts[0], texts[2]]
+    pixels = [
+        Image.open(io.BytesIO(base64.b64decode(b))).getpixel((0, 0)) for b in got.json()["images"]
+    ]
+    assert pixels == [(0, 0, 0), (2, 0, 0)]
+    assert led.get(job_id).state == "cancelled"  # no task of it starts any more
+    # the next request is not interrupted by the stop of the one before
+    r = make_client().post("/sdapi/v1/txt2img", json={"prompt": "y", **SYNTH})
+    assert r.status_code == 504, r.text
 
 
 def test_a_client_that_goes_away_cancels_its_job(

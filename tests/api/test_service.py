@@ -51,6 +51,7 @@ def test_redis_down_is_503_not_500(config: Config) -> None:
         ("GET", "/sdapi/v1/sd-models", None),
         ("GET", "/sdapi/v1/options", None),
         ("GET", "/sdapi/v1/progress", None),
+        ("POST", "/sdapi/v1/interrupt", None),
     ):
         r = client.request(method, path, json=body)
         assert r.status_code == 503, (path, r.text)
@@ -118,6 +119,7 @@ def test_openapi_document(client: TestClient) -> None:
         "/sdapi/v1/schedulers",
         "/sdapi/v1/options",
         "/sdapi/v1/progress",
+        "/sdapi/v1/interrupt",
         "/sdapi/v1/png-info",
         "/sdapi/v1/sd-vae",
         "/sdapi/v1/hypernetworks",
