@@ -54,6 +54,16 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+def seed_resize_arg(value: str | None) -> dict[str, Any]:
+    """``--seed-resize-from WxH`` as the spec's two fields."""
+    if value is None:
+        return {}
+    w, sep, h = value.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise SystemExit(f"farm submit: --seed-resize-from {value!r}: give WIDTHxHEIGHT, 768x512")
+    return {"seed_resize_from_w": int(w), "seed_resize_from_h": int(h)}
+
+
 def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     if args.spec:
@@ -71,6 +81,7 @@ def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         "seed": args.seed,
         "subseed": args.subseed,
         "subseed_strength": args.subseed_strength,
+        **seed_resize_arg(args.seed_resize_from),
         "width": args.width,
         "height": args.height,
         "steps": args.steps,
@@ -409,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="variation seeds: 0-1, how far each image's noise goes toward its subseed's; "
         "the images keep --seed and their subseeds count up",
+    )
+    sp.add_argument(
+        "--seed-resize-from",
+        metavar="WxH",
+        help="draw each image's seed noise as for a WxH picture, set in the middle of its own "
+        "(A1111's Resize seed from)",
     )
     sp.add_argument("--width", type=int)
     sp.add_argument("--height", type=int)

@@ -44,7 +44,14 @@ MAX_SEED = 2**32 - 1
 # render in their inventory ("features"), and the scheduler sends a job's tasks only to a
 # model whose workers all render what it needs (a worker older than a feature would read
 # the job without it and render the wrong images)
-FEATURES = ("img2img", "hires", "embeddings", "clip_skip", "variation_seeds")
+FEATURES = (
+    "img2img",
+    "hires",
+    "embeddings",
+    "clip_skip",
+    "variation_seeds",
+    "seed_resize",
+)
 MAX_LORAS = 8  # LoRAs of one job
 MAX_EMBEDDINGS = 32  # textual-inversion embeddings of one job
 MAX_LORA_WEIGHT = 5.0  # |weight| of a LoRA (slider LoRAs go to about 5)
@@ -334,6 +341,13 @@ class JobSpec(BaseModel):
     )
     width: int = 512
     height: int = 512
+    seed_resize_from_w: int = Field(
+        0,
+        description="A1111's Resize seed from (with seed_resize_from_h): each image's seed "
+        "noise is drawn as for a picture of this size and set into the middle of its own, so "
+        "a composition found at that size carries over; 0: none",
+    )
+    seed_resize_from_h: int = Field(0, description="see seed_resize_from_w", validate_default=True)
     steps: int = 20
     clip_skip: int = Field(
         1,
@@ -449,6 +463,20 @@ class JobSpec(BaseModel):
     @classmethod
     def _height(cls, v: int) -> int:
         return _check_height(v)
+
+    @field_validator("seed_resize_from_w", "seed_resize_from_h")
+    @classmethod
+    def _seed_resize(cls, v: int, info: ValidationInfo) -> int:
+        wide = info.field_name == "seed_resize_from_w"
+        if (
+            not wide
+            and "seed_resize_from_w" in info.data
+            and bool(v) != bool(info.data["seed_resize_from_w"])
+        ):
+            raise ValueError("must be given with seed_resize_from_w (both, or neither)")
+        if v == 0:
+            return v
+        return _check_side(v, _limits.max_width if wide else _limits.max_height)
 
     @field_validator("steps")
     @classmethod
@@ -623,6 +651,7 @@ class JobSpec(BaseModel):
                 ("embeddings", self.embeddings),
                 ("clip_skip", {self.clip_skip, *self.sweep.get("clip_skip", [])} != {1}),
                 ("variation_seeds", self.varies()),
+                ("seed_resize", self.seed_resize_from_w),
             )
             if used
         )
@@ -667,6 +696,7 @@ class ImageParams:
     clip_skip: int = 1
     subseed: int = -1  # the variation seed (-1: none)
     subseed_strength: float = 0.0  # 0: the image's noise is its seed's alone
+    seed_resize_from: tuple[int, int] | None = None  # (width, height): A1111's seed resize
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight), the job's, in its order
     embeddings: tuple[str, ...] = ()  # the job's textual-inversion embeddings, by name
     init_image: str = ""  # img2img: the job's input picture (sha256 of inputs/<sha>.png)
@@ -710,6 +740,9 @@ class Plan:
         self._model_stride = math.prod(self.sweep_sizes[at + 1 :])
         self._loras = tuple((lora.name, lora.weight) for lora in spec.loras)
         self._embeddings = tuple(spec.embeddings or ())
+        self._seed_resize = (
+            (spec.seed_resize_from_w, spec.seed_resize_from_h) if spec.seed_resize_from_w else None
+        )
 
     def cell_values(self, cell: int) -> dict[str, Any]:
         if not 0 <= cell < self.n_cells:
@@ -812,6 +845,7 @@ class Plan:
             embeddings=self._embeddings,
             init_image=self.spec.init_image,
             hires=self.spec.hires,
+            seed_resize_from=self._seed_resize,
             **settings,
         )
 

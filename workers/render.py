@@ -231,6 +231,7 @@ def _render_images(
             init_image=init_image,
             denoising_strength=first.denoising_strength,
             hires=hires_request(first),
+            seed_resize_from=first.seed_resize_from,
         )
         t0 = time.perf_counter()
         with rt.watchdog.stage(f"rendering task {rt.current_task}", first.model) as tick:
@@ -244,6 +245,8 @@ def _render_images(
         model_hash = sha[:10] or None
         stage = "store"
         extra: dict[str, Any] = {}
+        if first.seed_resize_from:  # A1111's place: after the variation seed
+            extra["Seed resize from"] = "{}x{}".format(*first.seed_resize_from)
         if first.init_image:  # A1111's place for it: after the model, before the LoRAs
             extra["Denoising strength"] = first.denoising_strength
         hires = hires_parameters(first)

@@ -525,7 +525,6 @@ def refusals(body: SdapiRequest, sampler: str, bad: Callable[[str, str], None]) 
     """Report every field set to something the farm cannot render (A1111 would change the
     picture for it). Fields that change nothing (the hires fields while enable_hr is
     false, save_images, comments, ...) pass."""
-    width, height = body.width or 512, body.height or 512
     if isinstance(body, Txt2ImgRequest):
         for name in ("firstphase_width", "firstphase_height"):
             if getattr(body, name):
@@ -536,9 +535,6 @@ def refusals(body: SdapiRequest, sampler: str, bad: Callable[[str, str], None]) 
         bad("restore_faces", "face restoration is not available on the farm")
     if body.tiling:
         bad("tiling", "tiling (seamless textures) is not available on the farm")
-    sw, sh = body.seed_resize_from_w or -1, body.seed_resize_from_h or -1
-    if sw > 0 and sh > 0 and (sw, sh) != (width, height):
-        bad("seed_resize_from_w", "resizing the seed's noise is not available on the farm")
     if body.styles:
         bad("styles", "the farm has no saved prompt styles; put their text in the prompt")
     if body.script_name:
@@ -757,6 +753,13 @@ def _hires_error(field: str, msg: str) -> tuple[str, str]:
     return field, msg
 
 
+def seed_resize(body: SdapiRequest) -> dict[str, int]:
+    """The job's seed resize: A1111 resizes the seed's noise when both sizes are above 0
+    and ignores them otherwise."""
+    w, h = body.seed_resize_from_w or 0, body.seed_resize_from_h or 0
+    return {"seed_resize_from_w": w, "seed_resize_from_h": h} if w > 0 and h > 0 else {}
+
+
 def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
     """The farm job an A1111 txt2img or img2img request asks for, or Refused with every
     problem. An img2img request's picture is stored (``inputs``) once nothing is wrong."""
@@ -832,6 +835,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         "seed": -1 if body.seed is None else body.seed,
         "subseed": -1 if body.subseed is None else body.subseed,
         "subseed_strength": body.subseed_strength or 0.0,
+        **seed_resize(body),
         "width": 512 if body.width is None else body.width,
         "height": 512 if body.height is None else body.height,
         "steps": 50 if body.steps is None else body.steps,
@@ -957,8 +961,8 @@ def answer(
         "sd_model_hash": entry.sha256[:10] or None,
         "sd_vae_name": None,
         "sd_vae_hash": None,
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
+        "seed_resize_from_w": spec.seed_resize_from_w or -1,
+        "seed_resize_from_h": spec.seed_resize_from_h or -1,
         "denoising_strength": (
             spec.denoising_strength
             if spec.init_image

@@ -122,6 +122,13 @@ def test_a1111_fields_map_to_one_job(make_client: MakeClient, worker: str) -> No
     random_sub = timed_out_job(make_client(), {**varied, "subseed": -1})["spec"]
     assert 0 <= random_sub["subseed"] <= MAX_SEED  # picked at submit and recorded
 
+    # seed resize: both sizes above 0 resize, as in A1111; one alone is ignored, as there
+    sized = {**body, "seed_resize_from_w": 512, "seed_resize_from_h": 256}
+    spec = timed_out_job(make_client(), sized)["spec"]
+    assert (spec["seed_resize_from_w"], spec["seed_resize_from_h"]) == (512, 256)
+    half = timed_out_job(make_client(), {**sized, "seed_resize_from_h": -1})["spec"]
+    assert (half["seed_resize_from_w"], half["seed_resize_from_h"]) == (0, 0)
+
 
 def test_missing_and_null_fields_take_a1111_defaults(make_client: MakeClient, worker: str) -> None:
     nulls = {
@@ -191,7 +198,6 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("firstphase_width", {"firstphase_width": 256}),
     ("restore_faces", {"restore_faces": True}),
     ("tiling", {"tiling": True}),
-    ("seed_resize_from_w", {"seed_resize_from_w": 256, "seed_resize_from_h": 256}),
     ("styles", {"styles": ["cinematic"]}),
     ("script_name", {"script_name": "x/y/z plot"}),
     ("alwayson_scripts.ControlNet", {"alwayson_scripts": {"ControlNet": {"args": []}}}),
@@ -236,6 +242,7 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("subseed_strength", {"subseed_strength": 1.5}),
     ("subseed_strength", {"subseed_strength": "some"}),
     ("subseed_strength", {"subseed_strength": -0.1}),
+    ("seed_resize_from_w", {"seed_resize_from_w": 100, "seed_resize_from_h": 512}),
     ("cfg_scale", {"cfg_scale": "high"}),
     ("cfg_scale", {"cfg_scale": LIMITS["max_cfg_scale"] + 1}),
     ("batch_size", {"batch_size": 0}),

@@ -93,11 +93,15 @@ def test_variation_seeds_blend_each_image_toward_its_subseed(
     farm: tuple[Cluster, TestClient],
 ) -> None:
     cluster, client = farm
-    pngs, info, _ = txt2img(client, seed=42, subseed=900, subseed_strength=0.25, batch_size=3)
+    pngs, info, _ = txt2img(
+        client, seed=42, subseed=900, subseed_strength=0.25, batch_size=3,
+        seed_resize_from_w=96, seed_resize_from_h=64,
+    )  # fmt: skip
     # A1111's rule: every image keeps the seed, the subseeds count up
     assert (info["seed"], info["all_seeds"]) == (42, [42, 42, 42])
     assert (info["subseed"], info["all_subseeds"]) == (900, [900, 901, 902])
     assert info["subseed_strength"] == 0.25
+    assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (96, 64)
     for i, png in enumerate(pngs):
         colour = Image.open(io.BytesIO(png)).convert("RGB").getpixel((5, 5))
         a, b = seed_colour(42), seed_colour(900 + i)  # the synthetic model blends them
@@ -106,7 +110,10 @@ def test_variation_seeds_blend_each_image_toward_its_subseed(
         assert params["seed"] == 42
         assert params["extra"]["Variation seed"] == str(900 + i)
         assert params["extra"]["Variation seed strength"] == "0.25"
-        assert list(params["extra"])[:2] == ["Variation seed", "Variation seed strength"]
+        assert params["extra"]["Seed resize from"] == "96x64"
+        assert list(params["extra"])[:3] == [
+            "Variation seed", "Variation seed strength", "Seed resize from"
+        ]  # fmt: skip
     stored = client.get(f"/v1/jobs/{info['job_id']}/images").json()["images"]
     assert [(i["seed"], i["subseed"]) for i in stored] == [(42, 900), (42, 901), (42, 902)]
     # strength 0: plain seeds, no variation in the PNGs or the listing

@@ -110,6 +110,8 @@ def test_random_seed_is_resolved_and_recorded():
         ("subseed_strength", "half"),
         ("sweep", {"subseed_strength": [0.5, 2]}),
         ("sweep", {"subseed": [-1]}),
+        ("seed_resize_from_w", 100),
+        ("seed_resize_from_h", 256),  # without a width
         ("batch_size", 0),
         ("output_prefix", "../etc"),
         ("sweep", {"prompt": ["x"]}),
@@ -177,3 +179,27 @@ def test_farm_submit_takes_variation_seed_flags():
     assert (job.subseed, job.subseed_strength) == (9, 0.4)
     plain = spec_from_args(build_parser().parse_args(["submit", "--prompt", "x"]), Config())
     assert "subseed" not in plain and "subseed_strength" not in plain
+
+
+def test_a_seed_resize_goes_to_every_image_and_needs_workers_that_render_it():
+    resized = spec(count=2, seed_resize_from_w=768, seed_resize_from_h=512)
+    assert [Plan(resized).image(i).seed_resize_from for i in (0, 1)] == [(768, 512)] * 2
+    assert Plan(spec()).image(0).seed_resize_from is None
+    assert resized.needs() == {"seed_resize"}
+    with pytest.raises(ValidationError, match="seed_resize_from_h"):
+        spec(seed_resize_from_w=768)
+
+
+def test_farm_submit_takes_seed_resize_from():
+    from farm.cli import build_parser, spec_from_args
+    from farm.config import Config
+
+    def parsed(value):
+        args = build_parser().parse_args(["submit", "--prompt", "x", "--seed-resize-from", value])
+        return spec_from_args(args, Config())
+
+    job = JobSpec(**parsed("768x512"))
+    assert (job.seed_resize_from_w, job.seed_resize_from_h) == (768, 512)
+    for bad in ("768", "768x", "ax512", "768*512"):
+        with pytest.raises(SystemExit, match="--seed-resize-from"):
+            parsed(bad)

@@ -204,6 +204,20 @@ class BatchRequest:
     # hires fix (txt2img only): the images come out at ``hires.sizes(width, height)``; an
     # engine that can do it has ``takes_hires = True``
     hires: HiresRequest | None = None
+    # A1111's "Resize seed from" (width, height): each image's seed noise is drawn as for
+    # a picture of this size and set into the middle of its own (``first_noise``), so the
+    # composition of that size carries over; None: drawn at the batch's size
+    seed_resize_from: tuple[int, int] | None = None
+
+    def seed_noise_size(self, factor: int = 8) -> tuple[int, int] | None:
+        """The (height, width) in latents of the seed noise drawn, when it is resized from
+        another size than the batch's (``seed_resize_from``); None otherwise."""
+        if self.seed_resize_from is None:
+            return None
+        w, h = self.seed_resize_from
+        if (w // factor, h // factor) == (self.width // factor, self.height // factor):
+            return None
+        return h // factor, w // factor
 
     def validate(self, multiple: int = 8) -> None:
         """Raise EngineError naming the bad field and the allowed range."""
@@ -220,6 +234,12 @@ class BatchRequest:
                 raise EngineError(f"subseed_strength: {strength} must be between 0 and 1")
             if image.subseed < 0:
                 raise EngineError(f"subseed: {image.subseed} must be >= 0")
+        if self.seed_resize_from is not None:
+            w, h = self.seed_resize_from
+            if w < multiple or h < multiple:
+                raise EngineError(
+                    f"seed_resize_from: {w}x{h} must be at least {multiple}x{multiple}"
+                )
         if self.clip_skip < 1:
             raise EngineError(f"clip_skip: {self.clip_skip} must be >= 1")
         if self.cfg_scale < 0:
@@ -275,23 +295,49 @@ def slerp(val: float, low: Tensor, high: Tensor) -> Tensor:
 
 
 def first_noise(
-    images: Sequence[ImageRequest], shape: Sequence[int], gens: list[torch.Generator]
+    images: Sequence[ImageRequest],
+    shape: Sequence[int],
+    gens: list[torch.Generator],
+    resized_from: tuple[int, int] | None = None,
 ) -> Tensor:
     """The batch's initial noise (N, *shape): each image's ``randn(shape)`` from its own
     generator ``gens[i]``, which that draw advances exactly as without a variation seed
     (its later, ancestral, noise is the same), then, for a ``subseed_strength`` s != 0,
     ``slerp(s, noise, randn(shape))`` toward the noise of a fresh CPU generator of its
-    ``subseed`` (A1111's variation seed; s 0 leaves the noise bit for bit the seed's)."""
+    ``subseed`` (A1111's variation seed; s 0 leaves the noise bit for bit the seed's).
+
+    ``resized_from`` (height, width in latents; ``BatchRequest.seed_noise_size``) is
+    A1111's seed resize: the seed's (and subseed's) noise is drawn at that size from fresh
+    generators, slerp'd, and set into the middle of the image's own draw (cropped to its
+    middle where it is larger), as A1111's ``ImageRNG.first`` places it."""
     import torch
 
+    drawn = tuple(shape) if resized_from is None else (shape[0], *resized_from)
     out = []
     for image, gen in zip(images, gens, strict=True):
-        noise = torch.randn(shape, generator=gen)
+        if resized_from is None:
+            noise = torch.randn(shape, generator=gen)
+        else:
+            noise = torch.randn(drawn, generator=torch.Generator("cpu").manual_seed(image.seed))
         if image.subseed_strength != 0:
             sub_gen = torch.Generator("cpu").manual_seed(image.subseed)
-            noise = slerp(image.subseed_strength, noise, torch.randn(shape, generator=sub_gen))
+            noise = slerp(image.subseed_strength, noise, torch.randn(drawn, generator=sub_gen))
+        if resized_from is not None:
+            noise = _set_in_middle(noise, torch.randn(shape, generator=gen))
         out.append(noise)
     return torch.stack(out)
+
+
+def _set_in_middle(noise: Tensor, x: Tensor) -> Tensor:
+    """``x`` (C, H, W) with ``noise`` (C, h, w) set into its middle, the middle of
+    ``noise`` where it is the larger; A1111's offsets, rounded down as there."""
+    (_, big_h, big_w), (_, h0, w0) = x.shape, noise.shape
+    dx, dy = (big_w - w0) // 2, (big_h - h0) // 2
+    w = w0 if dx >= 0 else w0 + 2 * dx
+    h = h0 if dy >= 0 else h0 + 2 * dy
+    tx, ty, sx, sy = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+    x[:, ty : ty + h, tx : tx + w] = noise[:, sy : sy + h, sx : sx + w]
+    return x
 
 
 class TorchEngine:

@@ -532,7 +532,8 @@ class FluxEngine(TorchEngine):
         """Each image's noise drawn as (16, H/8, W/8) from its own generator, slerp'd toward
         its subseed's (``first_noise``, A1111's variation seed), then packed."""
         shape = self.latent_shape(batch)
-        return pack(first_noise(batch.images, shape, self.generators(batch)))
+        resized = batch.seed_noise_size(self.vae_scale_factor)  # A1111's seed resize
+        return pack(first_noise(batch.images, shape, self.generators(batch), resized))
 
     def _denoiser(
         self, cond: Cond, guidance: Tensor | None, img_ids: Tensor, progress: Progress | None

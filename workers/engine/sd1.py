@@ -564,7 +564,7 @@ class SD1Engine(UNetEngine):
         self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
-        noise = first_noise(batch.images, shape, gens)  # variation seeds slerp'd in
+        noise = first_noise(batch.images, shape, gens, batch.seed_noise_size(self.vae_scale_factor))
         # the sampler's arithmetic runs in float32 whatever the UNet's dtype
         sigmas = self.schedule(batch).to(self.device)
         x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents

@@ -467,7 +467,7 @@ class SDXLEngine(UNetEngine):
         self.apply_loras(batch.loras, progress)
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
-        noise = first_noise(batch.images, shape, gens)  # variation seeds slerp'd in
+        noise = first_noise(batch.images, shape, gens, batch.seed_noise_size(self.vae_scale_factor))
         sigmas = self.schedule(batch).to(self.device)  # sampler arithmetic in float32
         x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents
         x = x.to(self.device, torch.float32)
