@@ -8,6 +8,7 @@ parameters."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,8 +23,10 @@ from workers.engine.base import (
     EngineError,
     HiresRequest,
     ImageRequest,
+    first_noise,
     hires_sizes,
     hires_start,
+    slerp,
 )
 from workers.render import _render_images
 
@@ -145,6 +148,40 @@ def test_latent_upscale_and_fresh_noise_feed_the_second_pass(engine, monkeypatch
     torch.testing.assert_close(sigmas, expected_sigmas)
     assert len(sigmas) == 3 + 1
     torch.testing.assert_close(x, up + noise * expected_sigmas[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_second_pass_noise_has_the_variation_seed_and_the_seed_resize(engine, monkeypatch):
+    """As A1111's new RNG for the second pass, made with the subseeds, strength and seed
+    resize at the final shape: its noise is ``first_noise`` of a new generator of the seed
+    there, the subseed's noise slerp'd in and the resized noise set in the middle."""
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    denoise = engine.denoise
+
+    def spy(batch, x, gens, sigmas, progress=None, size=None):
+        out = denoise(batch, x, gens, sigmas, progress, size)
+        seen.append((x.clone(), sigmas.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(engine, "denoise", spy)
+    image = ImageRequest("a cat", "", 11, subseed=40, subseed_strength=0.5)
+    hr = HiresRequest(steps=2, denoising_strength=0.6)
+    batch = replace(hires_batch([image], hr), seed_resize_from=(48, 40))
+    engine.sample_latents(batch)
+    (_, _, first), (x, sigmas, _) = seen
+    up = torch.nn.functional.interpolate(first, scale_factor=2.0, mode="bilinear")
+    f = engine.vae_scale_factor
+    assert up.shape[2:] == (64 // f, 64 // f)
+    want = first_noise([image], up.shape[1:], [torch.Generator().manual_seed(11)],
+                       (40 // f, 48 // f))  # fmt: skip
+    torch.testing.assert_close(x, up + want * sigmas[0], rtol=1e-5, atol=1e-5)
+    # the middle is the variation blend drawn at 48x40, the edges the seed's own draw
+    drawn = (up.shape[1], 40 // f, 48 // f)
+    sub = torch.randn(drawn, generator=torch.Generator().manual_seed(40))
+    main = torch.randn(drawn, generator=torch.Generator().manual_seed(11))
+    dy, dx = (up.shape[2] - drawn[1]) // 2, (up.shape[3] - drawn[2]) // 2
+    torch.testing.assert_close(
+        want[0, :, dy : dy + drawn[1], dx : dx + drawn[2]], slerp(0.5, main, sub)
+    )
 
 
 def test_same_image_alone_and_in_a_batch(engine):

@@ -391,7 +391,8 @@ class UNetEngine(TorchEngine):
                    progress: Progress | None = None) -> Tensor:
         """A1111's second pass over the first pass's final latents: upscaled, noised with
         a fresh generator per image seeded with its seed (A1111 makes a new RNG of the
-        same seeds at the new shape), which then gives its ancestral noise, and sampled
+        same seeds at the new shape, with the variation seeds and the seed resize, so
+        ``first_noise`` at the final size), which then gives its ancestral noise, and sampled
         over the hires schedule's tail at the final size (SDXL's size conditioning: the
         upscaled size before a crop, as A1111's)."""
         hr = batch.hires
@@ -401,7 +402,8 @@ class UNetEngine(TorchEngine):
         x0 = self.hires_upscale(batch, latents).to(self.device, torch.float32)
         sigmas = self.hires_schedule(batch).to(self.device)
         gens = self.generators(second)
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+        resized = second.seed_noise_size(self.vae_scale_factor)
+        noise = first_noise(second.images, x0.shape[1:], gens, resized)
         x = x0 + noise.to(self.device) * sigmas[0]
         return self.denoise(second, x, gens, sigmas, progress, (to_h, to_w))
 
