@@ -81,6 +81,7 @@ def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         "seed": args.seed,
         "subseed": args.subseed,
         "subseed_strength": args.subseed_strength,
+        "eta_noise_seed_delta": args.ensd,
         **seed_resize_arg(args.seed_resize_from),
         "width": args.width,
         "height": args.height,
@@ -426,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WxH",
         help="draw each image's seed noise as for a WxH picture, set in the middle of its own "
         "(A1111's Resize seed from)",
+    )
+    sp.add_argument(
+        "--ensd",
+        type=int,
+        metavar="N",
+        help="A1111's eta noise seed delta: Euler a's noise after the first from seed + N",
     )
     sp.add_argument("--width", type=int)
     sp.add_argument("--height", type=int)

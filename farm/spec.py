@@ -51,6 +51,7 @@ FEATURES = (
     "clip_skip",
     "variation_seeds",
     "seed_resize",
+    "ensd",
 )
 MAX_LORAS = 8  # LoRAs of one job
 MAX_EMBEDDINGS = 32  # textual-inversion embeddings of one job
@@ -348,6 +349,11 @@ class JobSpec(BaseModel):
         "a composition found at that size carries over; 0: none",
     )
     seed_resize_from_h: int = Field(0, description="see seed_resize_from_w", validate_default=True)
+    eta_noise_seed_delta: int = Field(
+        0,
+        description="A1111's ENSD: an ancestral sampler's noise after the first comes from "
+        "the seed plus this (31337 in NovelAI-style parameters); 0: from the seed",
+    )
     steps: int = 20
     clip_skip: int = Field(
         1,
@@ -477,6 +483,13 @@ class JobSpec(BaseModel):
         if v == 0:
             return v
         return _check_side(v, _limits.max_width if wide else _limits.max_height)
+
+    @field_validator("eta_noise_seed_delta")
+    @classmethod
+    def _ensd(cls, v: int) -> int:
+        if isinstance(v, bool) or not 0 <= v <= MAX_SEED:
+            raise ValueError(f"must be between 0 (none) and {MAX_SEED}")
+        return v
 
     @field_validator("steps")
     @classmethod
@@ -652,6 +665,7 @@ class JobSpec(BaseModel):
                 ("clip_skip", {self.clip_skip, *self.sweep.get("clip_skip", [])} != {1}),
                 ("variation_seeds", self.varies()),
                 ("seed_resize", self.seed_resize_from_w),
+                ("ensd", self.eta_noise_seed_delta),
             )
             if used
         )
@@ -697,6 +711,7 @@ class ImageParams:
     subseed: int = -1  # the variation seed (-1: none)
     subseed_strength: float = 0.0  # 0: the image's noise is its seed's alone
     seed_resize_from: tuple[int, int] | None = None  # (width, height): A1111's seed resize
+    eta_noise_seed_delta: int = 0  # A1111's ENSD
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight), the job's, in its order
     embeddings: tuple[str, ...] = ()  # the job's textual-inversion embeddings, by name
     init_image: str = ""  # img2img: the job's input picture (sha256 of inputs/<sha>.png)
@@ -846,6 +861,7 @@ class Plan:
             init_image=self.spec.init_image,
             hires=self.spec.hires,
             seed_resize_from=self._seed_resize,
+            eta_noise_seed_delta=self.spec.eta_noise_seed_delta,
             **settings,
         )
 

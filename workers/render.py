@@ -34,6 +34,7 @@ from workers.engine.base import (
     LoraError,
     LoraRequest,
 )
+from workers.engine.names import ANCESTRAL
 from workers.runtime import REDIS_AWAY, Runtime
 
 log = logging.getLogger("farm.worker")
@@ -232,6 +233,7 @@ def _render_images(
             denoising_strength=first.denoising_strength,
             hires=hires_request(first),
             seed_resize_from=first.seed_resize_from,
+            eta_noise_seed_delta=first.eta_noise_seed_delta,
         )
         t0 = time.perf_counter()
         with rt.watchdog.stage(f"rendering task {rt.current_task}", first.model) as tick:
@@ -254,6 +256,8 @@ def _render_images(
             extra["Denoising strength"] = hires.pop("Denoising strength")
         if first.clip_skip != 1:  # A1111's: after the strength, when it is not 1
             extra["Clip skip"] = first.clip_skip
+        if first.eta_noise_seed_delta and first.sampler_name in ANCESTRAL:
+            extra["ENSD"] = first.eta_noise_seed_delta  # A1111's: when its sampler reads it
         extra.update(hires)
         if first.loras:  # as A1111 writes them: the tags in the prompt, the files' hashes
             extra["Lora hashes"] = ", ".join(f"{n}: {lora_hashes[n][:12]}" for n, _ in first.loras)

@@ -105,11 +105,13 @@ SCHEDULE_TRAITS: dict[str, tuple[float, bool]] = {
 # A1111 settings (``override_settings``, ``/sdapi/v1/options``) with the values the farm
 # renders with: asking for one of these changes nothing, asking for another is refused
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"  # a request's override is its job's clip_skip
+ENSD_OPTION = "eta_noise_seed_delta"  # a request's override is its job's ENSD
 # a job's fields by the A1111 request fields that set them, for the 422s
 FIELDS_FROM_SPEC = {
     "count": "batch_size",
     "model": MODEL_FIELD,
     "clip_skip": f"override_settings.{CLIP_SKIP_OPTION}",
+    "eta_noise_seed_delta": f"override_settings.{ENSD_OPTION}",
 }
 FARM_OPTIONS: dict[str, tuple[Any, ...]] = {
     "CLIP_stop_at_last_layers": (1,),
@@ -497,11 +499,11 @@ def _same(value: Any, farm: Any) -> bool:
     return False
 
 
-def _whole(value: Any) -> Any:
+def _whole(value: Any, unset: int = 1) -> Any:
     """A setting's number: a float that is a whole number as an int (A1111's settings
-    arrive as 2.0 too), null (not set) as 1."""
+    arrive as 2.0 too), null (not set) as ``unset``."""
     if value is None:
-        return 1
+        return unset
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
@@ -511,7 +513,7 @@ def check_options(options: dict[str, Any], prefix: str, bad: Callable[[str, str]
     for key, value in options.items():
         if key == "sd_model_checkpoint" or value is None:
             continue
-        if key == CLIP_SKIP_OPTION and prefix:  # a request's own: the job's clip_skip
+        if key in (CLIP_SKIP_OPTION, ENSD_OPTION) and prefix:  # a request's own: its job's
             continue
         allowed = FARM_OPTIONS.get(key)
         if allowed is None:
@@ -840,6 +842,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         "height": 512 if body.height is None else body.height,
         "steps": 50 if body.steps is None else body.steps,
         "clip_skip": _whole((body.override_settings or {}).get(CLIP_SKIP_OPTION)),
+        "eta_noise_seed_delta": _whole((body.override_settings or {}).get(ENSD_OPTION), 0),
         "cfg_scale": cfg_scale(body, entry),
         "sampler_name": sampler,
         "scheduler": schedule,

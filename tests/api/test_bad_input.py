@@ -69,6 +69,8 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("seed_resize_from_w", {"seed_resize_from_w": 100, "seed_resize_from_h": 512}),
     ("seed_resize_from_w", {"seed_resize_from_w": "wide", "seed_resize_from_h": 512}),
     ("seed_resize_from_h", {"seed_resize_from_w": 512}),
+    ("eta_noise_seed_delta", {"eta_noise_seed_delta": -5}),
+    ("eta_noise_seed_delta", {"eta_noise_seed_delta": "leet"}),
     ("seed_resize_from_h", {"seed_resize_from_w": 512, "seed_resize_from_h": 99999}),
     ("cfg_scale", {"cfg_scale": -0.5}),
     ("cfg_scale", {"cfg_scale": LIMITS["max_cfg_scale"] + 1}),

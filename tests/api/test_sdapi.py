@@ -41,6 +41,7 @@ SHA = "0123456789abcdef" * 4
 TINY_S = 0.3  # the txt2img wait of most tests here
 SYNTH = {"override_settings": {"sd_model_checkpoint": "synthetic"}}
 MODEL = "override_settings.sd_model_checkpoint"
+ENSD = "eta_noise_seed_delta"
 
 MakeClient = Callable[..., TestClient]
 
@@ -128,6 +129,11 @@ def test_a1111_fields_map_to_one_job(make_client: MakeClient, worker: str) -> No
     assert (spec["seed_resize_from_w"], spec["seed_resize_from_h"]) == (512, 256)
     half = timed_out_job(make_client(), {**sized, "seed_resize_from_h": -1})["spec"]
     assert (half["seed_resize_from_w"], half["seed_resize_from_h"]) == (0, 0)
+
+    # a request's ENSD setting is its job's (31337.0 as settings arrive too)
+    ensd = {**body, "override_settings": {**SYNTH["override_settings"], ENSD: 31337.0}}
+    assert timed_out_job(make_client(), ensd)["spec"]["eta_noise_seed_delta"] == 31337
+    assert spec["eta_noise_seed_delta"] == 0
 
 
 def test_missing_and_null_fields_take_a1111_defaults(make_client: MakeClient, worker: str) -> None:
@@ -243,6 +249,8 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("subseed_strength", {"subseed_strength": "some"}),
     ("subseed_strength", {"subseed_strength": -0.1}),
     ("seed_resize_from_w", {"seed_resize_from_w": 100, "seed_resize_from_h": 512}),
+    (f"override_settings.{ENSD}", {"override_settings": {**SYNTH["override_settings"], ENSD: -1}}),
+    (f"override_settings.{ENSD}", {"override_settings": {**SYNTH["override_settings"], ENSD: 1.5}}),
     ("cfg_scale", {"cfg_scale": "high"}),
     ("cfg_scale", {"cfg_scale": LIMITS["max_cfg_scale"] + 1}),
     ("batch_size", {"batch_size": 0}),
@@ -504,6 +512,7 @@ def test_options_accept_the_farm_settings_and_refuse_changes(
         ("sd_model_checkpoint", {"sd_model_checkpoint": "sd15"}),
         ("sd_model_checkpoint", {"sd_model_checkpoint": "nope"}),
         ("CLIP_stop_at_last_layers", {"CLIP_stop_at_last_layers": 2}),
+        (ENSD, {ENSD: 31337}),  # global there: per request in override_settings
         ("show_progressbar", {"show_progressbar": True}),
     ):
         assert fields(client.post("/sdapi/v1/options", json=change)) == [field]

@@ -112,6 +112,8 @@ def test_random_seed_is_resolved_and_recorded():
         ("sweep", {"subseed": [-1]}),
         ("seed_resize_from_w", 100),
         ("seed_resize_from_h", 256),  # without a width
+        ("eta_noise_seed_delta", -1),
+        ("eta_noise_seed_delta", 2**32),
         ("batch_size", 0),
         ("output_prefix", "../etc"),
         ("sweep", {"prompt": ["x"]}),
@@ -203,3 +205,14 @@ def test_farm_submit_takes_seed_resize_from():
     for bad in ("768", "768x", "ax512", "768*512"):
         with pytest.raises(SystemExit, match="--seed-resize-from"):
             parsed(bad)
+
+
+def test_ensd_goes_to_every_image_and_to_the_cli():
+    from farm.cli import build_parser, spec_from_args
+    from farm.config import Config
+
+    job = spec(count=2, eta_noise_seed_delta=31337)
+    assert [Plan(job).image(i).eta_noise_seed_delta for i in (0, 1)] == [31337, 31337]
+    assert job.needs() == {"ensd"} and spec().needs() == frozenset()
+    args = build_parser().parse_args(["submit", "--prompt", "x", "--ensd", "31337"])
+    assert JobSpec(**spec_from_args(args, Config())).eta_noise_seed_delta == 31337

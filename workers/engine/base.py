@@ -35,6 +35,7 @@ __all__ = [
     "LoraRequest",
     "Progress",
     "TorchEngine",
+    "ancestral_generators",
     "first_noise",
     "slerp",
 ]
@@ -208,6 +209,9 @@ class BatchRequest:
     # a picture of this size and set into the middle of its own (``first_noise``), so the
     # composition of that size carries over; None: drawn at the batch's size
     seed_resize_from: tuple[int, int] | None = None
+    # A1111's ENSD (eta noise seed delta): once an image's first noise is drawn, its
+    # ancestral noise comes from a new generator of its seed plus this (0: the same one)
+    eta_noise_seed_delta: int = 0
 
     def seed_noise_size(self, factor: int = 8) -> tuple[int, int] | None:
         """The (height, width) in latents of the seed noise drawn, when it is resized from
@@ -240,6 +244,8 @@ class BatchRequest:
                 raise EngineError(
                     f"seed_resize_from: {w}x{h} must be at least {multiple}x{multiple}"
                 )
+        if self.eta_noise_seed_delta < 0:
+            raise EngineError(f"eta_noise_seed_delta: {self.eta_noise_seed_delta} must be >= 0")
         if self.clip_skip < 1:
             raise EngineError(f"clip_skip: {self.clip_skip} must be >= 1")
         if self.cfg_scale < 0:
@@ -326,6 +332,17 @@ def first_noise(
             noise = _set_in_middle(noise, torch.randn(shape, generator=gen))
         out.append(noise)
     return torch.stack(out)
+
+
+def ancestral_generators(batch: BatchRequest, gens: list[torch.Generator]) -> list[torch.Generator]:
+    """The generators an image's ancestral noise comes from once its first noise is drawn
+    from ``gens``: the same ones, or with A1111's ENSD new ones of ``seed + delta``."""
+    import torch
+
+    delta = batch.eta_noise_seed_delta
+    if not delta:
+        return gens
+    return [torch.Generator("cpu").manual_seed(r.seed + delta) for r in batch.images]
 
 
 def _set_in_middle(noise: Tensor, x: Tensor) -> Tensor:

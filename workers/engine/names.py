@@ -9,6 +9,8 @@ SAMPLERS: tuple[str, ...] = ("Euler a", "Euler", "DPM++ 2M")
 SCHEDULES: tuple[str, ...] = ("Automatic", "Uniform", "Karras")
 
 DEFAULT_SCHEDULE: dict[str, str] = {"Euler a": "Uniform", "Euler": "Uniform", "DPM++ 2M": "Karras"}
+# the samplers that draw fresh noise at each step (and so read A1111's ENSD)
+ANCESTRAL: frozenset[str] = frozenset({"Euler a"})
 
 
 def resolve_schedule(sampler_name: str, scheduler: str) -> str:

@@ -189,4 +189,3 @@ SAMPLER_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
     "Euler": sample_euler,
     "DPM++ 2M": sample_dpmpp_2m,
 }
-ANCESTRAL: frozenset[str] = frozenset({"Euler a"})

@@ -22,16 +22,16 @@ from workers.engine.base import (
     LoraRequest,
     Progress,
     TorchEngine,
+    ancestral_generators,
     first_noise,
     hires_start,
     img2img_start,
 )
 from workers.engine.embeddings import EmbeddingStore, token_fixes
 from workers.engine.lora import MergedLoras, module_index
-from workers.engine.names import resolve_schedule
+from workers.engine.names import ANCESTRAL, resolve_schedule
 from workers.engine.prompts import MAX_TOKENS, EmbeddingIndex, TokenChunk, prompt_chunks
 from workers.engine.samplers import (
-    ANCESTRAL,
     PREDICTION_TYPES,
     SAMPLER_FUNCTIONS,
     DiscreteEpsDenoiser,
@@ -404,6 +404,7 @@ class UNetEngine(TorchEngine):
         gens = self.generators(second)
         resized = second.seed_noise_size(self.vae_scale_factor)
         noise = first_noise(second.images, x0.shape[1:], gens, resized)
+        gens = ancestral_generators(second, gens)  # A1111's ENSD
         x = x0 + noise.to(self.device) * sigmas[0]
         return self.denoise(second, x, gens, sigmas, progress, (to_h, to_w))
 
@@ -567,6 +568,7 @@ class SD1Engine(UNetEngine):
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
         noise = first_noise(batch.images, shape, gens, batch.seed_noise_size(self.vae_scale_factor))
+        gens = ancestral_generators(batch, gens)  # A1111's ENSD
         # the sampler's arithmetic runs in float32 whatever the UNet's dtype
         sigmas = self.schedule(batch).to(self.device)
         x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents

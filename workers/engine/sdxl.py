@@ -27,7 +27,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from workers.engine.base import BatchRequest, EngineError, Progress, first_noise
+from workers.engine.base import (
+    BatchRequest,
+    EngineError,
+    Progress,
+    ancestral_generators,
+    first_noise,
+)
 from workers.engine.embeddings import EmbeddingStore, token_fixes
 from workers.engine.lora import ROOTS, MergedLoras, module_index
 from workers.engine.names import resolve_schedule
@@ -468,6 +474,7 @@ class SDXLEngine(UNetEngine):
         shape = self.latent_shape(batch)
         gens = self.generators(batch)
         noise = first_noise(batch.images, shape, gens, batch.seed_noise_size(self.vae_scale_factor))
+        gens = ancestral_generators(batch, gens)  # A1111's ENSD
         sigmas = self.schedule(batch).to(self.device)  # sampler arithmetic in float32
         x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents
         x = x.to(self.device, torch.float32)
