@@ -797,10 +797,11 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
             f"batch_size x n_iter = {batch * n_iter} images; at most {most} in one request "
             "(FARM_SDAPI_MAX_IMAGES); POST larger jobs to /v1/jobs",
         )
+    overrides = body.override_settings or {}
     entry: ModelEntry | None = None
     try:
         entry = resolve_model(
-            farm.models, (body.override_settings or {}).get("sd_model_checkpoint"),
+            farm.models, overrides.get("sd_model_checkpoint"),
             farm.config.default_model,
         )  # fmt: skip
     except FieldError as exc:
@@ -841,8 +842,8 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         "width": 512 if body.width is None else body.width,
         "height": 512 if body.height is None else body.height,
         "steps": 50 if body.steps is None else body.steps,
-        "clip_skip": _whole((body.override_settings or {}).get(CLIP_SKIP_OPTION)),
-        "eta_noise_seed_delta": _whole((body.override_settings or {}).get(ENSD_OPTION), 0),
+        "clip_skip": _whole(overrides.get(CLIP_SKIP_OPTION)),
+        "eta_noise_seed_delta": _whole(overrides.get(ENSD_OPTION), 0),
         "cfg_scale": cfg_scale(body, entry),
         "sampler_name": sampler,
         "scheduler": schedule,
