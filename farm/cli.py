@@ -110,6 +110,16 @@ def spec_from_args(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     if any(v is not None for v in hires.values()):  # hires fix: the rest from its defaults
         base = spec.get("hires") if isinstance(spec.get("hires"), dict) else {}
         spec["hires"] = {**base, **{k: v for k, v in hires.items() if v is not None}}
+    inpaint = {
+        "mask_blur": args.mask_blur,
+        "masked_content": args.masked_content,
+        "invert_mask": args.invert_mask or None,
+        "only_masked": args.only_masked or None,
+        "padding": args.padding,
+    }
+    if args.mask or any(v is not None for v in inpaint.values()):
+        base = spec.get("inpaint") if isinstance(spec.get("inpaint"), dict) else {}
+        spec["inpaint"] = {**base, **{k: v for k, v in inpaint.items() if v is not None}}
     for item in args.sweep or []:
         name, sep, values = item.partition("=")
         if not sep or not values:
@@ -165,6 +175,12 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
         except OSError as exc:
             raise SystemExit(f"farm submit: --init-image {args.init_image}: {exc}") from None
         spec["init_image"] = client.upload_input(data)["init_image"]
+    if args.mask:  # inpainting: the mask is uploaded the same way
+        try:
+            data = Path(args.mask).read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"farm submit: --mask {args.mask}: {exc}") from None
+        spec["inpaint"]["mask"] = client.upload_input(data, mask=True)["init_image"]
     job = client.submit(spec)
     print(f"job {job['id']}: {job['total']} images in {job['tasks']} tasks, seed {job['seed']}")
     if args.wait:
@@ -458,6 +474,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="S",
         help="img2img: how much of the picture is renewed, above 0 and at most 1 (0.75)",
+    )
+    sp.add_argument(
+        "--mask",
+        metavar="FILE",
+        help="inpainting (with --init-image): repaint where this picture is white (or opaque, "
+        "where it has transparency)",
+    )
+    sp.add_argument("--mask-blur", type=int, metavar="N", help="inpainting: edge blur (4)")
+    sp.add_argument(
+        "--masked-content",
+        metavar="C",
+        help="inpainting: what the masked part starts from: fill, original (default), "
+        "latent noise or latent nothing",
+    )
+    sp.add_argument(
+        "--invert-mask", action="store_true", help="inpainting: repaint the unmasked part"
+    )
+    sp.add_argument(
+        "--only-masked",
+        action="store_true",
+        help="inpainting: render the masked part's box at the size given and paste it back",
+    )
+    sp.add_argument(
+        "--padding", type=int, metavar="N", help="inpainting: --only-masked's padding (32)"
     )
     sp.add_argument(
         "--hires-scale",

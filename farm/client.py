@@ -60,10 +60,12 @@ class FarmClient:
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/v1/jobs", spec)
 
-    def upload_input(self, data: bytes) -> dict[str, Any]:
+    def upload_input(self, data: bytes, mask: bool = False) -> dict[str, Any]:
         """Store a picture (PNG, JPEG or WebP file bytes) for img2img: ``{"init_image":
-        sha256, "width", "height"}``, the sha256 for a job's ``init_image``."""
-        return self.request("POST", "/v1/inputs", raw=data, content_type="application/octet-stream")
+        sha256, "width", "height"}``, the sha256 for a job's ``init_image`` (``mask``: an
+        inpainting mask, for its ``inpaint.mask``)."""
+        path = "/v1/inputs?mask=true" if mask else "/v1/inputs"
+        return self.request("POST", path, raw=data, content_type="application/octet-stream")
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}")

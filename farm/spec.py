@@ -37,7 +37,13 @@ from pydantic import (
 
 from farm.config import Config
 from workers.engine.base import DEFAULT_HIRES_STRENGTH, HIRES_UPSCALERS, hires_sizes
-from workers.engine.names import SAMPLERS, SCHEDULES
+from workers.engine.names import (
+    MASKED_CONTENT,
+    MAX_MASK_BLUR,
+    MAX_MASK_PADDING,
+    SAMPLERS,
+    SCHEDULES,
+)
 
 MAX_SEED = 2**32 - 1
 # what a job may need a worker to render beyond txt2img: workers publish the ones they
@@ -52,6 +58,7 @@ FEATURES = (
     "variation_seeds",
     "seed_resize",
     "ensd",
+    "inpaint",
 )
 MAX_LORAS = 8  # LoRAs of one job
 MAX_EMBEDDINGS = 32  # textual-inversion embeddings of one job
@@ -235,6 +242,69 @@ class LoraRef(BaseModel):
         return float(v)
 
 
+class InpaintSpec(BaseModel):
+    """A1111's inpainting (img2img with a mask) on a normal model: only the masked part of
+    the init picture is repainted; the rest is the picture's own pixels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mask: str = Field(
+        description="the sha256 that POST /v1/inputs answered for the mask: white (above "
+        "half grey) is repainted, black kept; any size (stretched to the init picture's)"
+    )
+    mask_blur: int = Field(
+        4, description=f"pixels of Gaussian blur at the mask's edge, 0 to {MAX_MASK_BLUR}"
+    )
+    masked_content: str = Field(
+        "original",
+        description="what the masked part starts from: "
+        + ", ".join(MASKED_CONTENT)
+        + " (A1111's Masked content)",
+    )
+    invert_mask: bool = Field(
+        False, description="repaint the black part instead (Inpaint not masked)"
+    )
+    only_masked: bool = Field(
+        False,
+        description="render the masked part's box (plus padding) at width x height and paste it "
+        "back, so a small part gets all the pixels (A1111's Inpaint area: Only masked); the "
+        "PNG then has the init picture's size",
+    )
+    padding: int = Field(
+        32, description=f"pixels around the masked part with only_masked, 0 to {MAX_MASK_PADDING}"
+    )
+
+    @field_validator("mask")
+    @classmethod
+    def _mask(cls, v: str) -> str:
+        if not _SHA256_RE.fullmatch(v):
+            raise ValueError(
+                "must be the sha256 (64 lowercase hex digits) that POST /v1/inputs answered"
+            )
+        return v
+
+    @field_validator("mask_blur")
+    @classmethod
+    def _blur(cls, v: int) -> int:
+        if isinstance(v, bool) or not 0 <= v <= MAX_MASK_BLUR:
+            raise ValueError(f"must be between 0 (none) and {MAX_MASK_BLUR}")
+        return v
+
+    @field_validator("masked_content")
+    @classmethod
+    def _content(cls, v: str) -> str:
+        if v not in MASKED_CONTENT:
+            raise ValueError(f"must be one of {', '.join(MASKED_CONTENT)}")
+        return v
+
+    @field_validator("padding")
+    @classmethod
+    def _padding(cls, v: int) -> int:
+        if isinstance(v, bool) or not 0 <= v <= MAX_MASK_PADDING:
+            raise ValueError(f"must be between 0 and {MAX_MASK_PADDING}")
+        return v
+
+
 class HiresSpec(BaseModel):
     """A1111's hires fix (txt2img's ``enable_hr``): every image is rendered at width x
     height, upscaled and sampled again at the larger size, which the PNG has."""
@@ -373,6 +443,11 @@ class JobSpec(BaseModel):
         description="img2img: how much of the picture is renewed, above 0 and at most 1 "
         "(1: all of it); only with init_image",
     )
+    inpaint: InpaintSpec | None = Field(
+        None,
+        description="inpainting (with init_image; SD1 and SDXL models): a mask says which part "
+        "of the picture is repainted",
+    )
     hires: HiresSpec | None = Field(
         None,
         description="A1111's hires fix (txt2img only, SD1 and SDXL models): each image "
@@ -399,9 +474,12 @@ class JobSpec(BaseModel):
 
     @classmethod
     def model_construct(cls, _fields_set: set[str] | None = None, **values: Any) -> Self:
-        """Also builds the LoRA entries (pydantic leaves nested models as dicts here)."""
+        """Also builds the nested models (hires, inpaint, the LoRA entries), which pydantic
+        leaves as dicts here."""
         if isinstance(values.get("hires"), dict):
             values["hires"] = HiresSpec.model_construct(**values["hires"])
+        if isinstance(values.get("inpaint"), dict):
+            values["inpaint"] = InpaintSpec.model_construct(**values["inpaint"])
         if values.get("loras"):
             values["loras"] = [
                 LoraRef.model_construct(**x) if isinstance(x, dict) else x for x in values["loras"]
@@ -597,6 +675,13 @@ class JobSpec(BaseModel):
             raise ValueError("only with init_image (img2img: POST the picture to /v1/inputs)")
         return v
 
+    @field_validator("inpaint")
+    @classmethod
+    def _inpaint(cls, v: InpaintSpec | None, info: ValidationInfo) -> InpaintSpec | None:
+        if v is not None and info.data.get("init_image") == "":
+            raise ValueError("only with init_image (the picture the mask is of)")
+        return v
+
     @field_validator("hires")
     @classmethod
     def _hires(cls, v: HiresSpec | None, info: ValidationInfo) -> HiresSpec | None:
@@ -666,6 +751,7 @@ class JobSpec(BaseModel):
                 ("variation_seeds", self.varies()),
                 ("seed_resize", self.seed_resize_from_w),
                 ("ensd", self.eta_noise_seed_delta),
+                ("inpaint", self.inpaint is not None),
             )
             if used
         )
@@ -717,6 +803,7 @@ class ImageParams:
     init_image: str = ""  # img2img: the job's input picture (sha256 of inputs/<sha>.png)
     denoising_strength: float = DEFAULT_DENOISING_STRENGTH
     hires: HiresSpec | None = None  # the job's hires fix
+    inpaint: InpaintSpec | None = None  # the job's mask and how it is used
 
 
 @dataclass(frozen=True)
@@ -860,6 +947,7 @@ class Plan:
             embeddings=self._embeddings,
             init_image=self.spec.init_image,
             hires=self.spec.hires,
+            inpaint=self.spec.inpaint,
             seed_resize_from=self._seed_resize,
             eta_noise_seed_delta=self.spec.eta_noise_seed_delta,
             **settings,

@@ -23,6 +23,7 @@ from farm.spec import ImageParams
 from storage.base import ObjectNotFound, StorageError
 from storage.keys import image_key, input_key
 from storage.png import encode_png, format_parameters
+from workers.engine import inpaint
 from workers.engine.base import (
     AddonError,
     BatchRequest,
@@ -34,7 +35,7 @@ from workers.engine.base import (
     LoraError,
     LoraRequest,
 )
-from workers.engine.names import ANCESTRAL
+from workers.engine.names import ANCESTRAL, MASKED_CONTENT
 from workers.runtime import REDIS_AWAY, Runtime
 
 log = logging.getLogger("farm.worker")
@@ -86,9 +87,12 @@ class InputPictures:
         self._pictures: OrderedDict[str, Image.Image] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, sha: str, fetch: Callable[[str], bytes]) -> Image.Image:
+    def get(
+        self, sha: str, fetch: Callable[[str], bytes], field: str = "init_image"
+    ) -> Image.Image:
         """The picture ``sha`` (RGB), ``fetch(key)`` reading its PNG when it is not kept;
-        EngineError naming the input if it is missing or not what its hash says."""
+        EngineError naming the input (as the job's ``field``) if it is missing or not
+        what its hash says."""
         with self._lock:
             picture = self._pictures.get(sha)
             if picture is not None:
@@ -99,16 +103,16 @@ class InputPictures:
             data = fetch(key)
         except ObjectNotFound:
             raise EngineError(
-                f"init_image {sha}: no input picture {key} in the store (upload it again "
+                f"{field} {sha}: no input picture {key} in the store (upload it again "
                 "with POST /v1/inputs)"
             ) from None
         if hashlib.sha256(data).hexdigest() != sha:
-            raise EngineError(f"init_image {sha}: the stored {key} does not have that sha256")
+            raise EngineError(f"{field} {sha}: the stored {key} does not have that sha256")
         try:
             with Image.open(io.BytesIO(data)) as im:
                 picture = im.convert("RGB")
         except Exception as exc:
-            raise EngineError(f"init_image {sha}: {key} does not decode: {exc}") from None
+            raise EngineError(f"{field} {sha}: {key} does not decode: {exc}") from None
         with self._lock:
             self._pictures[sha] = picture
             while len(self._pictures) > self.most:
@@ -182,9 +186,16 @@ def _render_images(
     stage = "load"
     try:
         init_image = None
+        mask = None
+        inpainted: inpaint.Prepared | None = None
         if first.init_image:
             stage = "input"  # recorded as a load, but not the model's fault
-            init_image = _input_picture(rt, first)
+            init_image = _input_picture(rt, first.init_image)
+            if first.inpaint is not None:
+                inpainted = _prepare_inpaint(rt, first, init_image)
+                init_image, mask = inpainted.picture, inpainted.mask
+            else:
+                init_image = fit_picture(init_image, first.width, first.height)
             stage = "load"
         engine = rt.engine_for(first.model)
         if init_image is not None and not getattr(engine, "takes_init_image", False):
@@ -194,6 +205,10 @@ def _render_images(
                 f"init_image: model {first.model!r} ({family}) cannot start from a picture "
                 "(img2img)"
             )
+        if mask is not None and not getattr(engine, "takes_mask", False):
+            stage = "input"
+            family = getattr(engine, "family", type(engine).__name__)
+            raise EngineError(f"inpaint: model {first.model!r} ({family}) cannot inpaint")
         if first.hires is not None and not getattr(engine, "takes_hires", False):
             stage = "input"  # the job's setting, not the model's fault
             family = getattr(engine, "family", type(engine).__name__)
@@ -230,6 +245,8 @@ def _render_images(
             embeddings=embeddings,
             clip_skip=first.clip_skip,
             init_image=init_image,
+            mask=mask,
+            masked_content=first.inpaint.masked_content if mask is not None else "original",
             denoising_strength=first.denoising_strength,
             hires=hires_request(first),
             seed_resize_from=first.seed_resize_from,
@@ -238,6 +255,8 @@ def _render_images(
         t0 = time.perf_counter()
         with rt.watchdog.stage(f"rendering task {rt.current_task}", first.model) as tick:
             pictures = engine.render(batch, progress=tick)
+        if inpainted is not None:  # the picture's own pixels outside the mask (A1111's overlay)
+            pictures = [inpaint.finish(p, inpainted) for p in pictures]
         rt.stats.record_render(
             f"{first.model}:{first.width}x{first.height}:{first.steps}",
             time.perf_counter() - t0,
@@ -258,6 +277,8 @@ def _render_images(
             extra["Clip skip"] = first.clip_skip
         if first.eta_noise_seed_delta and first.sampler_name in ANCESTRAL:
             extra["ENSD"] = first.eta_noise_seed_delta  # A1111's: when its sampler reads it
+        if inpainted is not None:  # A1111's: Mask mode, Mask blur, Inpaint area, ...
+            extra.update(inpainted.params)
         extra.update(hires)
         if first.loras:  # as A1111 writes them: the tags in the prompt, the files' hashes
             extra["Lora hashes"] = ", ".join(f"{n}: {lora_hashes[n][:12]}" for n, _ in first.loras)
@@ -353,17 +374,39 @@ def hires_parameters(p: ImageParams) -> dict[str, Any]:
     return out
 
 
-def _input_picture(rt: Runtime, first: ImageParams) -> Image.Image:
-    """The job's input picture at the task's size, fetched into ``INPUTS`` once (waiting,
-    as for a store of images, while the store is away)."""
+def _input_picture(rt: Runtime, sha: str, field: str = "init_image") -> Image.Image:
+    """The input picture ``sha`` (the job's ``field``) as uploaded, fetched into
+    ``INPUTS`` once (waiting, as for a store of images, while the store is away)."""
     got: list[Image.Image] = []
 
     def fetch() -> None:
-        got.append(INPUTS.get(first.init_image, rt.store.get_bytes))
+        got.append(INPUTS.get(sha, rt.store.get_bytes, field))
 
     with rt.watchdog.stage(f"fetching the input picture of task {rt.current_task}"):
-        put_waiting(fetch, rt.config.storage_wait, rt.stopping, f"input {first.init_image}")
-    return fit_picture(got[-1], first.width, first.height)
+        put_waiting(fetch, rt.config.storage_wait, rt.stopping, f"input {sha}")
+    return got[-1]
+
+
+def _prepare_inpaint(rt: Runtime, first: ImageParams, picture: Image.Image) -> inpaint.Prepared:
+    """The task's init picture and mask made ready for inpainting (A1111's geometry:
+    ``workers.engine.inpaint.prepare``)."""
+    spec = first.inpaint
+    assert spec is not None
+    mask = _input_picture(rt, spec.mask, "inpaint.mask")
+    try:
+        return inpaint.prepare(
+            picture,
+            mask,
+            first.width,
+            first.height,
+            blur=spec.mask_blur,
+            fill=MASKED_CONTENT.index(spec.masked_content),
+            invert=spec.invert_mask,
+            full_res=spec.only_masked,
+            padding=spec.padding,
+        )
+    except ValueError as exc:
+        raise EngineError(f"inpaint: {exc}") from None
 
 
 def _load_loras(

@@ -10,8 +10,13 @@ sha256 being that of the stored PNG's bytes. The answer, ``{"init_image": sha256
 "height"}``, is what a job's ``init_image`` names; the same picture uploaded twice gives the
 same hash and one object.
 
-At submit, ``check_init_image`` makes sure the job's picture is in the store and its models
-can start from a picture (``IMG2IMG_ENGINES``): a FieldError naming ``init_image`` otherwise;
+A mask for inpainting is uploaded the same way with ``?mask=true``: it is read as A1111 reads
+one, the alpha of a picture with transparency (opaque is repainted), else its grey levels
+(white, above half grey, is repainted), and stored as grey RGB.
+
+At submit, ``check_init_image`` makes sure the job's picture (and mask) is in the store and
+its models can start from a picture (``IMG2IMG_ENGINES``): a FieldError naming the field
+otherwise;
 ``check_hires`` does the same for a job's hires fix, whose second pass is an img2img.
 """
 
@@ -22,7 +27,7 @@ import io
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -52,10 +57,12 @@ class InputPicture(BaseModel):
     height: int = Field(description="its height")
 
 
-def decode_picture(data: bytes, field: str = FIELD) -> Image.Image:
+def decode_picture(data: bytes, field: str = FIELD, mask: bool = False) -> Image.Image:
     """The RGB picture in ``data`` (PNG, JPEG or WebP; its first frame if animated),
     upright by its EXIF orientation and with transparency laid on white. FieldError naming
-    ``field`` for anything that is not such a picture or is over the limits."""
+    ``field`` for anything that is not such a picture or is over the limits. ``mask``: an
+    inpainting mask, as A1111 reads one: a picture with transparency is its alpha (opaque:
+    repainted), any other its grey levels; RGB all the same."""
     from PIL import Image, ImageOps
 
     if len(data) > MAX_INPUT_BYTES:
@@ -75,6 +82,8 @@ def decode_picture(data: bytes, field: str = FIELD) -> Image.Image:
                 im.seek(0)
                 im.load()
                 picture = ImageOps.exif_transpose(im)
+                if mask:
+                    return mask_levels(picture).convert("RGB")
                 if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
                     rgba = picture.convert("RGBA")
                     flat = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
@@ -93,6 +102,17 @@ def decode_picture(data: bytes, field: str = FIELD) -> Image.Image:
         ) from None
 
 
+def mask_levels(picture: Image.Image) -> Image.Image:
+    """A mask's grey levels (mode "L"), as A1111's ``create_binary_mask`` reads them: the
+    alpha of a picture with transparency (not all opaque), thresholded (above 128: 255),
+    else its grey levels as they are."""
+    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
+        alpha = picture.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha.point(lambda a: 255 if a > 128 else 0)
+    return picture.convert("L")
+
+
 def encode_picture(picture: Image.Image) -> tuple[str, bytes]:
     """The stored form of a picture: its PNG bytes (no metadata) and their sha256."""
     buf = io.BytesIO()
@@ -101,9 +121,11 @@ def encode_picture(picture: Image.Image) -> tuple[str, bytes]:
     return hashlib.sha256(data).hexdigest(), data
 
 
-def prepare(data: bytes, field: str = FIELD) -> tuple[str, bytes, tuple[int, int]]:
+def prepare(
+    data: bytes, field: str = FIELD, mask: bool = False
+) -> tuple[str, bytes, tuple[int, int]]:
     """``decode_picture`` then ``encode_picture``: (sha256, PNG bytes, (width, height))."""
-    picture = decode_picture(data, field)
+    picture = decode_picture(data, field, mask)
     sha, png = encode_picture(picture)
     return sha, png, picture.size
 
@@ -138,18 +160,26 @@ def check_hires(farm: Farm, spec: JobSpec) -> None:
 
 
 def check_init_image(farm: Farm, spec: JobSpec) -> None:
-    """A job's ``init_image`` is a stored input and each of its models takes one."""
+    """A job's ``init_image`` (and its inpainting mask) is a stored input and each of its
+    models takes one."""
     if not spec.init_image:
         return
     check_img2img_models(farm, spec, "init_image", "start from a picture (img2img)")
+    _check_stored(farm, "init_image", spec.init_image)
+    if spec.inpaint is not None:
+        _check_stored(farm, "inpaint.mask", spec.inpaint.mask)
+
+
+def _check_stored(farm: Farm, field: str, sha: str) -> None:
+    """The input picture ``sha`` is in the store: a FieldError naming ``field`` if not."""
     try:
-        found = farm.store().exists(input_key(spec.init_image))
+        found = farm.store().exists(input_key(sha))
     except storage.StorageError as exc:
         raise HTTPException(503, f"object storage is unavailable: {exc}") from None
     if not found:
         raise FieldError(
-            "init_image",
-            f"no input picture {spec.init_image}: upload it first (POST /v1/inputs answers "
+            field,
+            f"no input picture {sha}: upload it first (POST /v1/inputs answers "
             "the sha256 to put here)",
         )
 
@@ -189,7 +219,10 @@ def router(farm: Farm) -> APIRouter:
             "The body is the image file itself, PNG, JPEG or WebP (curl: `--data-binary "
             f"@in.png`), at most {MAX_INPUT_BYTES} bytes and {MAX_INPUT_SIDE} pixels a side. "
             "It is stored as an RGB PNG (EXIF orientation applied, transparency on white); "
-            "the answer's init_image is the sha256 of that PNG."
+            "the answer's init_image is the sha256 of that PNG. With `?mask=true` it is an "
+            "inpainting mask (a job's inpaint.mask), read as A1111 reads one: the alpha of a "
+            "picture with transparency (opaque: repainted), else its grey levels (white: "
+            "repainted)."
         ),
         openapi_extra={
             "requestBody": {
@@ -203,9 +236,14 @@ def router(farm: Farm) -> APIRouter:
             }
         },
     )
-    async def upload(request: Request) -> Response:
+    async def upload(
+        request: Request,
+        mask: bool = Query(
+            False, description="an inpainting mask: its alpha where it has transparency"
+        ),
+    ) -> Response:
         data = await read_body(request)
-        sha, png, (w, h) = await run_in_threadpool(prepare, data)
+        sha, png, (w, h) = await run_in_threadpool(prepare, data, FIELD, mask)
         await run_in_threadpool(lambda: put_input(farm.store(), sha, png))
         body: dict[str, Any] = {"init_image": sha, "width": w, "height": h}
         return SafeJSONResponse(body, status_code=201)

@@ -16,10 +16,12 @@ A1111.
 ``POST /sdapi/v1/img2img`` is the same with A1111's img2img body: ``init_images`` holds the
 picture (base64, a ``data:`` URL too; several only if they are all the same picture), which
 is checked and stored as ``POST /v1/inputs`` stores one and becomes the job's
-``init_image``, with ``denoising_strength`` (default 0.75). Only ``resize_mode`` 0 ("Just
-resize") is rendered; a ``mask`` (inpainting), an inpainting setting other than A1111's
-default or a noise multiplier other than 1 is refused with a 422 naming it. The answer's
-``parameters`` echo ``init_images`` and ``mask`` as null unless ``include_init_images``.
+``init_image``, with ``denoising_strength`` (default 0.75). A ``mask`` (read as A1111 reads
+one) becomes the job's ``inpaint``, with A1111's API defaults (Only masked, padding 0,
+"fill"). Only ``resize_mode`` 0 ("Just resize") is rendered; a latent mask, mask blurs that
+differ between x and y, an unrounded mask, an inpainting setting without a mask or a noise
+multiplier other than 1 is refused with a 422 naming it. The answer's ``parameters`` echo
+``init_images`` and ``mask`` as null unless ``include_init_images``.
 
 The wait holds no thread: the endpoint is async and reads the job's state (one HGET in
 the threadpool) 0.05 s after submitting, then ever less often, at most 0.5 s apart. It
@@ -67,7 +69,7 @@ from farm.spec import DEFAULT_DENOISING_STRENGTH, JobSpec, Plan
 from storage.keys import image_key
 from storage.png import infotext_fields, read_parameters
 from workers.engine.base import HIRES_LATENT_MODES, HIRES_PIXEL_UPSCALERS, HIRES_UPSCALERS
-from workers.engine.names import DEFAULT_SCHEDULE, SAMPLERS, SCHEDULES
+from workers.engine.names import DEFAULT_SCHEDULE, MASKED_CONTENT, SAMPLERS, SCHEDULES
 
 if TYPE_CHECKING:
     from farm.api.app import Farm
@@ -107,6 +109,12 @@ SCHEDULE_TRAITS: dict[str, tuple[float, bool]] = {
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"  # a request's override is its job's clip_skip
 ENSD_OPTION = "eta_noise_seed_delta"  # a request's override is its job's ENSD
 # a job's fields by the A1111 request fields that set them, for the 422s
+# the job's inpaint fields -> the A1111 fields they come from
+INPAINT_FIELDS = {
+    "inpaint.mask_blur": "mask_blur_x",
+    "inpaint.masked_content": "inpainting_fill",
+    "inpaint.padding": "inpaint_full_res_padding",
+}
 FIELDS_FROM_SPEC = {
     "count": "batch_size",
     "model": MODEL_FIELD,
@@ -226,7 +234,7 @@ class Txt2ImgRequest(SdapiRequest):
 
 class Img2ImgRequest(SdapiRequest):
     """A1111's ``StableDiffusionImg2ImgProcessingAPI``: its fields and defaults, each
-    nullable (null means the default, as there). No inpainting: a mask is refused."""
+    nullable (null means the default, as there). A ``mask`` inpaints (SD1 and SDXL)."""
 
     init_images: list[str] | None = Field(
         None,
@@ -236,7 +244,11 @@ class Img2ImgRequest(SdapiRequest):
     resize_mode: int | None = Field(0, description="0 (Just resize) only")
     denoising_strength: float | None = Field(0.75, description="above 0, at most 1")
     image_cfg_scale: float | None = None
-    mask: str | None = Field(None, description="refused if set (no inpainting)")
+    mask: str | None = Field(
+        None,
+        description="inpainting: the mask, base64 (white, or opaque where it has transparency: "
+        "repainted)",
+    )
     mask_blur_x: int | None = 4
     mask_blur_y: int | None = 4
     mask_blur: int | None = None
@@ -246,14 +258,14 @@ class Img2ImgRequest(SdapiRequest):
     inpaint_full_res_padding: int | None = 0
     inpainting_mask_invert: int | None = 0
     initial_noise_multiplier: float | None = Field(None, description="refused unless 1")
-    latent_mask: str | None = Field(None, description="refused if set (no inpainting)")
+    latent_mask: str | None = Field(None, description="refused if set (a second mask)")
     include_init_images: bool | None = Field(
         False, description="true: the answer's parameters echo init_images"
     )
 
 
 # A1111's img2img fields that only act with a mask (inpainting), with their defaults: any
-# other value asks for inpainting, which the farm does not do
+# other value without a mask is refused (it would change nothing, yet the client meant it to)
 INPAINTING_DEFAULTS: dict[str, Any] = {
     "mask_blur_x": 4,
     "mask_blur_y": 4,
@@ -655,20 +667,67 @@ def init_picture(body: Img2ImgRequest, bad: Callable[[str, str], None]) -> tuple
 
 def img2img_refusals(body: Img2ImgRequest, bad: Callable[[str, str], None]) -> None:
     """The img2img fields set to something the farm cannot render: another resize mode,
-    a mask or any inpainting setting other than A1111's default, a noise multiplier."""
+    a latent mask, an inpainting setting without a mask, a noise multiplier."""
     if body.resize_mode not in (None, 0):
         bad("resize_mode", "only 0 (Just resize: the picture stretched to width x height) is "
             "available on the farm")  # fmt: skip
-    for name in ("mask", "latent_mask"):
-        if getattr(body, name):
-            bad(name, "inpainting is not available on the farm; send no mask")
-    for name, default in INPAINTING_DEFAULTS.items():
-        value = getattr(body, name)
-        if value is not None and value != default:
-            bad(name, f"inpainting is not available on the farm; send {json.dumps(default)} "
-                "or nothing (the field acts only with a mask)")  # fmt: skip
+    if body.latent_mask:
+        bad("latent_mask", "a second mask for the latents is not available on the farm; send "
+            "the mask alone")  # fmt: skip
+    if not body.mask:
+        for name, default in INPAINTING_DEFAULTS.items():
+            value = getattr(body, name)
+            if value is not None and value != default:
+                bad(name, f"acts only with a mask: send a mask, or {json.dumps(default)} or "
+                    "nothing")  # fmt: skip
     if body.initial_noise_multiplier not in (None, 1.0):
         bad("initial_noise_multiplier", "the farm renders with 1 (the A1111 default)")
+
+
+def inpaint_fields(
+    body: Img2ImgRequest, bad: Callable[[str, str], None]
+) -> tuple[dict[str, Any], tuple[str, bytes]] | None:
+    """An img2img request's mask as the job's ``inpaint`` (A1111's names and defaults:
+    Only masked with padding 0 and "fill", as its API has them) and the mask as stored,
+    or None without a mask or with the problems reported."""
+    if not body.mask:
+        return None
+    data = _base64(body.mask, "mask", bad) if isinstance(body.mask, str) else None
+    if data is None:
+        return None
+    try:
+        mask = inputs.prepare(data, "mask", mask=True)
+    except FieldError as exc:
+        bad(exc.field, exc.msg)
+        return None
+    blur_x, blur_y = body.mask_blur_x, body.mask_blur_y
+    if body.mask_blur is not None:  # A1111: mask_blur sets both
+        blur_x = blur_y = body.mask_blur
+    blur_x = 4 if blur_x is None else blur_x
+    blur_y = 4 if blur_y is None else blur_y
+    if blur_x != blur_y:
+        bad("mask_blur_y", f"{blur_y}: the farm blurs a mask alike both ways; send it equal to "
+            f"mask_blur_x ({blur_x}), or mask_blur")  # fmt: skip
+    if body.mask_round is False:
+        bad("mask_round", "false (a latent mask left unrounded) is not available on the farm; "
+            "send true or nothing")  # fmt: skip
+    fill = 0 if body.inpainting_fill is None else body.inpainting_fill
+    if not (isinstance(fill, int) and 0 <= fill < len(MASKED_CONTENT)):
+        bad("inpainting_fill", "must be 0 (fill), 1 (original), 2 (latent noise) or 3 "
+            "(latent nothing)")  # fmt: skip
+        fill = 1
+    invert = 0 if body.inpainting_mask_invert is None else body.inpainting_mask_invert
+    if invert not in (0, 1):
+        bad("inpainting_mask_invert", "must be 0 (Inpaint masked) or 1 (Inpaint not masked)")
+    fields = {
+        "mask": mask[0],
+        "mask_blur": blur_x,
+        "masked_content": MASKED_CONTENT[fill],
+        "invert_mask": invert == 1,
+        "only_masked": body.inpaint_full_res is not False,
+        "padding": body.inpaint_full_res_padding or 0,
+    }
+    return fields, mask[:2]
 
 
 def _same_choice(value: str | None, same: str, *ours: str | None) -> bool:
@@ -812,10 +871,12 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
     if loras and entry is not None and entry.engine not in LORA_ENGINES:
         bad("prompt", no_loras(entry))
     picture: tuple[str, bytes] | None = None
+    masked: tuple[dict[str, Any], tuple[str, bytes]] | None = None
     img2img: dict[str, Any] = {}
     if isinstance(body, Img2ImgRequest):
         img2img_refusals(body, bad)
         picture = init_picture(body, bad)
+        masked = inpaint_fields(body, bad)
         if entry is not None and entry.engine not in inputs.IMG2IMG_ENGINES:
             engines = " or ".join(inputs.IMG2IMG_ENGINES)
             bad(MODEL_FIELD, f"model {entry.name!r} ({entry.engine}) cannot start from a "
@@ -825,6 +886,7 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
             # a stand-in while the picture is refused, so that the rest is still checked
             "init_image": picture[0] if picture else "0" * 64,
             "denoising_strength": DEFAULT_DENOISING_STRENGTH if strength is None else strength,
+            **({"inpaint": masked[0]} if masked else {}),
         }
     hires = None
     if isinstance(body, Txt2ImgRequest):
@@ -864,6 +926,11 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
                 bad("prompt", f"LoRA tags: {e['msg']}")
             elif e["field"].startswith("hires"):
                 bad(*_hires_error(e["field"], e["msg"]))
+            elif e["field"].startswith("inpaint."):
+                field = INPAINT_FIELDS.get(e["field"], "mask")
+                if field == "mask_blur_x" and getattr(body, "mask_blur", None) is not None:
+                    field = "mask_blur"  # the one sent, which sets both
+                bad(field, e["msg"])
             else:
                 field = FIELDS_FROM_SPEC.get(e["field"], e["field"])
                 bad(field, e["msg"])
@@ -881,6 +948,8 @@ def to_spec(farm: Farm, body: SdapiRequest) -> tuple[JobSpec, ModelEntry]:
         raise Refused(problems or [{"field": "body", "msg": f"not a valid {what} request"}])
     if picture is not None:
         inputs.put_input(farm.store(), *picture)
+    if masked is not None:
+        inputs.put_input(farm.store(), *masked[1])
     return spec, entry
 
 

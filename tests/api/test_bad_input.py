@@ -83,6 +83,9 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("init_image", {"init_image": "not-a-hash"}),
     ("init_image", {"init_image": "cd" * 32}),  # never uploaded
     ("denoising_strength", {"denoising_strength": 0.5}),  # without init_image
+    ("inpaint", {"inpaint": {"mask": "cd" * 32}}),  # without init_image
+    ("inpaint.mask", {"inpaint": {"mask": "not-a-hash"}}),
+    ("inpaint.mask_blur", {"inpaint": {"mask": "cd" * 32, "mask_blur": "soft"}}),
     ("denoising_strength", {"denoising_strength": NAN}),
     ("hires", {"hires": 2}),
     ("hires", {"hires": {}}),  # the synthetic model has no hires fix

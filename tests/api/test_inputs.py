@@ -2,9 +2,10 @@
 picture under its hash, a job names it in ``init_image`` (422 naming the field for a picture
 that is not there, a strength out of range, a model that cannot start from a picture; no job
 for a refused spec), and ``POST /sdapi/v1/img2img`` maps A1111's img2img body onto such a
-job or refuses what the farm cannot render (inpainting, other resize modes, several
-pictures) with a 422 naming the field. Nothing renders: an accepted img2img request ends at
-its (tiny) timeout, and the job it submitted tells how the fields were mapped."""
+job (a mask: its inpainting) or refuses what the farm cannot render (a latent mask, other
+resize modes, several pictures) with a 422 naming the field. Nothing renders: an accepted
+img2img request ends at its (tiny) timeout, and the job it submitted tells how the fields
+were mapped."""
 
 from __future__ import annotations
 
@@ -176,6 +177,56 @@ def test_the_openapi_document_describes_the_upload(client: TestClient) -> None:
     assert "enable_hr" not in props  # a txt2img field
 
 
+def test_a_mask_is_read_as_a1111_reads_one(client: TestClient, store: LocalStore) -> None:
+    def stored(r: Any) -> Image.Image:
+        assert r.status_code == 201, r.text
+        with Image.open(io.BytesIO(store.get_bytes(input_key(r.json()["init_image"])))) as im:
+            return im.convert("RGB")
+
+    # with transparency: its alpha, thresholded above 128 (opaque: repainted)
+    rgba = Image.new("RGBA", (4, 1))
+    for x, alpha in enumerate((0, 128, 129, 255)):
+        rgba.putpixel((x, 0), (200, 10, 10, alpha))
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    r = client.post("/v1/inputs?mask=true", content=buf.getvalue())
+    assert [stored(r).getpixel((x, 0)) for x in range(4)] == [(0,) * 3, (0,) * 3, (255,) * 3,
+                                                              (255,) * 3]  # fmt: skip
+    # without: its grey levels as they are; the same bytes as a picture are flattened on white
+    grey = stored(client.post("/v1/inputs?mask=true", content=picture_bytes(colour=(200, 30, 30))))
+    level = Image.new("RGB", (1, 1), (200, 30, 30)).convert("L").getpixel((0, 0))
+    assert grey.getpixel((0, 0)) == (level,) * 3
+    assert stored(upload(client, buf.getvalue())).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_inpaint_jobs_need_their_mask_uploaded(
+    client: TestClient, redis_client: redis.Redis, config: Config, sd: str
+) -> None:
+    sha = upload(client, picture_bytes()).json()["init_image"]
+    mask = client.post("/v1/inputs?mask=true", content=picture_bytes()).json()["init_image"]
+    base = {"model": "sd", "prompt": "a fox", "init_image": sha}
+    bad = [
+        ("inpaint.mask", {"inpaint": {"mask": "cd" * 32}}),  # never uploaded
+        ("inpaint.mask", {"inpaint": {"mask": "nope"}}),
+        ("inpaint.mask", {"inpaint": {}}),
+        ("inpaint.mask_blur", {"inpaint": {"mask": mask, "mask_blur": 99}}),
+        ("inpaint.masked_content", {"inpaint": {"mask": mask, "masked_content": "smudge"}}),
+        ("inpaint.padding", {"inpaint": {"mask": mask, "padding": -4}}),
+        ("inpaint", {"init_image": "", "inpaint": {"mask": mask}}),  # no picture
+        ("inpaint", {"inpaint": "yes"}),
+    ]
+    for field, override in bad:
+        r = client.post("/v1/jobs", json={**base, **override})
+        assert field in fields(r), (field, override, r.text)
+    assert jobs(redis_client, config) == []
+    r = client.post("/v1/jobs", json={**base, "inpaint": {"mask": mask, "only_masked": True}})
+    assert r.status_code == 201, r.text
+    spec = JobSpec(**r.json()["spec"])
+    assert spec.inpaint is not None and (spec.inpaint.mask, spec.inpaint.only_masked) == (
+        mask, True)  # fmt: skip
+    assert spec.needs() >= {"inpaint"}
+
+
 # ---------------------------------------------------------------- /sdapi/v1/img2img
 
 
@@ -207,6 +258,31 @@ def test_sdapi_img2img_maps_to_a_job_with_the_stored_picture(
     assert len(list(store.list("inputs/"))) == 1
 
 
+def test_sdapi_img2img_with_a_mask_inpaints_with_a1111s_api_defaults(
+    sdapi: TestClient, store: LocalStore
+) -> None:
+    mask = Image.new("L", (100, 50), 0)
+    mask.paste(255, (10, 10, 40, 30))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    body = {"init_images": [b64(picture_bytes(size=(100, 50)))], "mask": b64(buf.getvalue()),
+            "prompt": "a fox", **SD}  # fmt: skip
+    spec = timed_out_job(sdapi, body)["spec"]
+    inpaint = spec["inpaint"]
+    assert {k: v for k, v in inpaint.items() if k != "mask"} == {
+        "mask_blur": 4, "masked_content": "fill", "invert_mask": False, "only_masked": True,
+        "padding": 0}  # fmt: skip
+    with Image.open(io.BytesIO(store.get_bytes(input_key(inpaint["mask"])))) as im:
+        assert im.size == (100, 50) and im.convert("L").getpixel((20, 20)) == 255
+    assert len(list(store.list("inputs/"))) == 2  # the picture and its mask
+    body.update(mask_blur=9, inpainting_fill=2, inpaint_full_res=False,
+                inpaint_full_res_padding=12, inpainting_mask_invert=1)  # fmt: skip
+    inpaint = timed_out_job(sdapi, body)["spec"]["inpaint"]
+    assert {k: v for k, v in inpaint.items() if k != "mask"} == {
+        "mask_blur": 9, "masked_content": "latent noise", "invert_mask": True,
+        "only_masked": False, "padding": 12}  # fmt: skip
+
+
 # (field named in the 422, body overrides)
 REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("init_images", {"init_images": None}),
@@ -216,8 +292,17 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("init_images[0]", {"init_images": [b64(b"not a picture")]}),
     ("init_images[0]", {"init_images": ["https://example.com/a.png"]}),
     ("resize_mode", {"resize_mode": 1}),
-    ("mask", {"mask": b64(picture_bytes())}),
+    ("mask", {"mask": "@@@not base64@@@"}),
+    ("mask", {"mask": b64(b"not a picture")}),
     ("latent_mask", {"latent_mask": b64(picture_bytes())}),
+    ("latent_mask", {"mask": b64(picture_bytes()), "latent_mask": b64(picture_bytes())}),
+    ("inpainting_fill", {"mask": b64(picture_bytes()), "inpainting_fill": 4}),
+    ("mask_blur_y", {"mask": b64(picture_bytes()), "mask_blur_x": 4, "mask_blur_y": 8}),
+    ("mask_blur", {"mask": b64(picture_bytes()), "mask_blur": 65}),
+    ("mask_blur_x", {"mask": b64(picture_bytes()), "mask_blur_x": -1, "mask_blur_y": -1}),
+    ("mask_round", {"mask": b64(picture_bytes()), "mask_round": False}),
+    ("inpaint_full_res_padding", {"mask": b64(picture_bytes()), "inpaint_full_res_padding": 300}),
+    ("inpainting_mask_invert", {"mask": b64(picture_bytes()), "inpainting_mask_invert": 2}),
     ("inpainting_fill", {"inpainting_fill": 1}),
     ("inpaint_full_res", {"inpaint_full_res": False}),
     ("mask_blur", {"mask_blur": 8}),
@@ -293,4 +378,25 @@ def test_the_cli_uploads_the_init_image_then_submits(
         ["submit", "--prompt", "x", "--init-image", str(tmp_path / "missing.png")]
     )
     with pytest.raises(SystemExit, match="--init-image"):
+        cli.cmd_submit(args, config)
+    # inpainting: the mask is uploaded as one, then named in the job's inpaint
+    mask = tmp_path / "mask.png"
+    mask.write_bytes(picture_bytes(mode="RGBA", colour=(0, 0, 0, 255)))
+    sent.clear()
+    args = cli.build_parser().parse_args(
+        ["submit", "--model", "sd", "--prompt", "a fox", "--init-image", str(picture),
+         "--mask", str(mask), "--masked-content", "latent nothing", "--only-masked",
+         "--width", "64", "--height", "64"]
+    )  # fmt: skip
+    assert cli.cmd_submit(args, config) == 0
+    assert sent == [("POST", "/v1/inputs"), ("POST", "/v1/inputs?mask=true"), ("POST", "/v1/jobs")]
+    job_id = capsys.readouterr().out.split()[1].rstrip(":")
+    inpaint = client.get(f"/v1/jobs/{job_id}").json()["spec"]["inpaint"]
+    assert (inpaint["masked_content"], inpaint["only_masked"]) == ("latent nothing", True)
+    with Image.open(io.BytesIO(store.get_bytes(input_key(inpaint["mask"])))) as im:
+        assert im.convert("L").getpixel((0, 0)) == 0  # opaque black: its grey, not its alpha
+    args = cli.build_parser().parse_args(
+        ["submit", "--prompt", "x", "--init-image", str(picture), "--mask", str(tmp_path / "no")]
+    )
+    with pytest.raises(SystemExit, match="--mask"):
         cli.cmd_submit(args, config)

@@ -127,8 +127,8 @@ def test_latent_upscale_and_fresh_noise_feed_the_second_pass(engine, monkeypatch
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     denoise = engine.denoise
 
-    def spy(batch, x, gens, sigmas, progress=None, size=None):
-        out = denoise(batch, x, gens, sigmas, progress, size)
+    def spy(batch, x, gens, sigmas, progress=None, size=None, **kw):
+        out = denoise(batch, x, gens, sigmas, progress, size, **kw)
         seen.append((x.clone(), sigmas.clone(), out.clone()))
         return out
 
@@ -157,8 +157,8 @@ def test_the_second_pass_noise_has_the_variation_seed_and_the_seed_resize(engine
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     denoise = engine.denoise
 
-    def spy(batch, x, gens, sigmas, progress=None, size=None):
-        out = denoise(batch, x, gens, sigmas, progress, size)
+    def spy(batch, x, gens, sigmas, progress=None, size=None, **kw):
+        out = denoise(batch, x, gens, sigmas, progress, size, **kw)
         seen.append((x.clone(), sigmas.clone(), out.clone()))
         return out
 

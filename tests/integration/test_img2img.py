@@ -132,3 +132,47 @@ def test_a_hires_txt2img_renders_at_the_larger_size(farm: tuple[Cluster, TestCli
     info = json.loads(answer["info"])
     assert info["extra_generation_params"]["Hires upscaler"] == "Latent"
     assert np.abs(pixels(pngs[0]) - pixels(pngs[1])).max() > 1
+
+
+def test_sdapi_inpainting_repaints_only_the_masked_part(
+    farm: tuple[Cluster, TestClient],
+) -> None:
+    """``/sdapi/v1/img2img`` with a mask on the worker, A1111's API defaults (only the masked
+    part, padding 0, "fill"): the worker fetches picture and mask from S3, the PNGs have the
+    picture's size, its own pixels away from the mask and A1111's inpainting fields."""
+    cluster, client = farm
+    picture = Image.new("RGB", (96, 80), (30, 60, 220))
+    ImageDraw.Draw(picture).ellipse((20, 20, 70, 60), fill=(220, 30, 30))
+    mask = Image.new("L", (96, 80), 0)
+    ImageDraw.Draw(mask).rectangle((40, 30, 71, 61), fill=255)
+
+    def encoded(im: Image.Image) -> str:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    body = {
+        "init_images": [encoded(picture)],
+        "mask": encoded(mask),
+        "denoising_strength": 1.0,
+        "prompt": SPEC["prompt"],
+        "batch_size": 2,
+        "override_settings": {"sd_model_checkpoint": "tiny"},
+        **{k: SPEC[k] for k in ("seed", "width", "height", "steps", "cfg_scale", "sampler_name")},
+    }
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    pngs = [base64.b64decode(png) for png in r.json()["images"]]
+    want = np.asarray(picture, dtype=np.int16)
+    far = np.ones((80, 96), bool)
+    far[20:72, 30:82] = False  # the box and the blur (4) around it
+    for png in pngs:
+        got = pixels(png)
+        assert got.shape == (80, 96, 3)  # the picture's size: the render pasted into it
+        assert np.array_equal(got[far], want[far])
+        assert np.abs(got[34:58, 44:68] - want[34:58, 44:68]).mean() > 5  # repainted
+        extra = parse_parameters(read_parameters(png) or "")["extra"]
+        assert (extra["Mask blur"], extra["Inpaint area"], extra["Masked area padding"]) == (
+            "4", "Only masked", "0")  # fmt: skip
+        assert extra["Masked content"] == "fill"
+    assert np.abs(pixels(pngs[0]) - pixels(pngs[1])).max() > 1  # the seeds still count

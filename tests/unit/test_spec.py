@@ -216,3 +216,54 @@ def test_ensd_goes_to_every_image_and_to_the_cli():
     assert job.needs() == {"ensd"} and spec().needs() == frozenset()
     args = build_parser().parse_args(["submit", "--prompt", "x", "--ensd", "31337"])
     assert JobSpec(**spec_from_args(args, Config())).eta_noise_seed_delta == 31337
+
+
+INIT = "ab" * 32
+MASK = "cd" * 32
+
+
+@pytest.mark.parametrize(
+    "inpaint,loc",
+    [
+        ({"mask": "not-a-hash"}, "mask"),
+        ({}, "mask"),  # the mask is what inpainting is
+        ({"mask": MASK, "mask_blur": -1}, "mask_blur"),
+        ({"mask": MASK, "mask_blur": 65}, "mask_blur"),
+        ({"mask": MASK, "masked_content": "smudge"}, "masked_content"),
+        ({"mask": MASK, "padding": 257}, "padding"),
+        ({"mask": MASK, "padding": -1}, "padding"),
+        ({"mask": MASK, "invert_mask": "maybe"}, "invert_mask"),
+        ({"mask": MASK, "feather": 3}, "feather"),
+    ],
+)
+def test_bad_inpaint_fields_are_named(inpaint, loc):
+    with pytest.raises(ValidationError) as err:
+        spec(init_image=INIT, inpaint=inpaint)
+    assert ("inpaint", loc) in [tuple(e["loc"][:2]) for e in err.value.errors()], err.value
+
+
+def test_inpaint_needs_an_init_image_and_goes_to_every_image_and_to_the_cli():
+    from farm.cli import build_parser, spec_from_args
+    from farm.config import Config
+
+    with pytest.raises(ValidationError) as err:
+        spec(inpaint={"mask": MASK})
+    assert [e["loc"][0] for e in err.value.errors()] == ["inpaint"]
+    job = spec(count=2, init_image=INIT, inpaint={"mask": MASK, "masked_content": "fill"})
+    inpaint = job.inpaint
+    assert (inpaint.mask_blur, inpaint.only_masked, inpaint.padding, inpaint.invert_mask) == (
+        4, False, 32, False)  # fmt: skip
+    assert [Plan(job).image(i).inpaint for i in (0, 1)] == [inpaint, inpaint]
+    assert job.needs() == {"img2img", "inpaint"}
+    args = build_parser().parse_args(
+        ["submit", "--prompt", "x", "--mask-blur", "8", "--masked-content", "latent noise",
+         "--only-masked", "--padding", "16", "--invert-mask"]
+    )  # fmt: skip
+    fields = spec_from_args(args, Config())["inpaint"]
+    assert fields == {"mask_blur": 8, "masked_content": "latent noise", "invert_mask": True,
+                      "only_masked": True, "padding": 16}  # fmt: skip
+    args = build_parser().parse_args(["submit", "--prompt", "x"])
+    assert "inpaint" not in spec_from_args(args, Config())
+    # as a worker reads a stored spec back (model_construct): the mask settings, not a dict
+    stored = JobSpec.model_construct(**job.model_dump())
+    assert Plan(stored).image(1).inpaint == inpaint

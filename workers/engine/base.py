@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from workers.engine.names import SAMPLERS, SCHEDULES, resolve_schedule
+from workers.engine.names import MASKED_CONTENT, SAMPLERS, SCHEDULES, resolve_schedule
 
 if TYPE_CHECKING:
     import torch
@@ -202,6 +202,14 @@ class BatchRequest:
     # (A1111's img2img); an engine that can do it has ``takes_init_image = True``
     init_image: Image.Image | None = None
     denoising_strength: float = 0.75
+    # inpainting (with init_image): the part to repaint, mode "L" at width x height, white
+    # (above half) repainted (A1111's latent mask: the mask at the latents' size, rounded);
+    # outside it every step's result is the picture's own latent. ``masked_content``
+    # (``MASKED_CONTENT``): "latent noise" and "latent nothing" replace the picture's
+    # latent under the mask by its seed's noise or zeros ("fill" is done to the picture
+    # before, see ``workers.engine.inpaint``); an engine that can do it has ``takes_mask``
+    mask: Image.Image | None = None
+    masked_content: str = "original"
     # hires fix (txt2img only): the images come out at ``hires.sizes(width, height)``; an
     # engine that can do it has ``takes_hires = True``
     hires: HiresRequest | None = None
@@ -261,6 +269,18 @@ class BatchRequest:
                 raise EngineError(
                     f"denoising_strength: {self.denoising_strength} must be above 0, at most 1"
                 )
+        if self.mask is not None:
+            if self.init_image is None:
+                raise EngineError("mask: inpainting needs an init_image")
+            if tuple(self.mask.size) != (self.width, self.height):
+                w, h = self.mask.size
+                raise EngineError(
+                    f"mask: {w}x{h}, not the batch's {self.width}x{self.height} (resize it first)"
+                )
+        if self.masked_content not in MASKED_CONTENT:
+            raise EngineError(
+                f"masked_content: {self.masked_content!r} is not one of {', '.join(MASKED_CONTENT)}"
+            )
         if self.hires is not None:
             if self.init_image is not None:
                 raise EngineError("hires: a hires fix is for txt2img, not with an init_image")

@@ -20,3 +20,9 @@ def resolve_schedule(sampler_name: str, scheduler: str) -> str:
     if scheduler not in SCHEDULES:
         raise ValueError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULES)}")
     return DEFAULT_SCHEDULE[sampler_name] if scheduler == "Automatic" else scheduler
+
+
+# A1111's inpainting_fill, by index: what the masked part starts from
+MASKED_CONTENT: tuple[str, ...] = ("fill", "original", "latent noise", "latent nothing")
+MAX_MASK_BLUR = 64  # A1111's slider goes to 64
+MAX_MASK_PADDING = 256  # A1111's "Only masked padding" slider goes to 256

@@ -96,6 +96,22 @@ def run_sampler(name: str, model: Any, x: Tensor, sigmas: Tensor,
     return sampler(model, x, sigmas)
 
 
+def keep_latents(x: Tensor, init: Tensor, keep: Tensor) -> Tensor:
+    """``x`` where the mask repaints, the picture's latents ``init`` where ``keep`` (1:
+    kept) says (A1111's ``init_latent * mask + nmask * x``)."""
+    return init * keep + (1 - keep) * x
+
+
+def masked_denoiser(model: Any, init: Tensor, keep: Tensor) -> Any:
+    """Inpainting's denoiser (A1111's CFGDenoiser with a mask): each prediction is the
+    picture's own latents outside the mask."""
+
+    def denoised(x: Tensor, sigma: Tensor) -> Tensor:
+        return keep_latents(model(x, sigma), init, keep)
+
+    return denoised
+
+
 @dataclass
 class SD1Components:
     unet: Any
@@ -247,6 +263,7 @@ class UNetEngine(TorchEngine):
     ``denoise(batch, x, gens, sigmas, progress, size)``."""
 
     takes_init_image = True  # img2img: BatchRequest.init_image
+    takes_mask = True  # inpainting: BatchRequest.mask
     takes_hires = True  # hires fix: BatchRequest.hires
     takes_embeddings = True  # textual inversion: BatchRequest.embeddings
     vae_scale_factor: int
@@ -321,6 +338,27 @@ class UNetEngine(TorchEngine):
         if batch.init_image is None:
             return noise * sigmas[0]
         return self.encode_image(batch.init_image) + noise * sigmas[0]
+
+    def inpaint_start(self, batch: BatchRequest) -> tuple[Tensor, Tensor] | None:
+        """Inpainting's (picture latents per image, keep mask (1, 1, h, w), 1 kept), as
+        A1111's: the mask at the latents' size, rounded; under it "latent noise" puts
+        each image's seed noise (a fresh generator of its seed; A1111 takes the first
+        batch's seeds), "latent nothing" zeros. None without a mask."""
+        if batch.mask is None:
+            return None
+        from workers.engine.inpaint import latent_mask
+
+        init = self.encode_image(batch.init_image).to(self.device)
+        repaint = torch.from_numpy(latent_mask(batch.mask, init.shape[2], init.shape[3]))
+        keep = (1 - repaint)[None, None].to(self.device, torch.float32)
+        init = init.expand(len(batch.images), -1, -1, -1)
+        if batch.masked_content == "latent noise":
+            noise = torch.stack([torch.randn(init.shape[1:], generator=torch.Generator(
+                "cpu").manual_seed(r.seed)) for r in batch.images]).to(self.device)
+            init = keep_latents(noise, init, keep)
+        elif batch.masked_content == "latent nothing":
+            init = init * keep
+        return init.contiguous(), keep
 
     def schedule(self, batch: BatchRequest) -> Tensor:
         """The sigmas a batch samples over: all of them, or img2img's tail."""
@@ -571,9 +609,15 @@ class SD1Engine(UNetEngine):
         gens = ancestral_generators(batch, gens)  # A1111's ENSD
         # the sampler's arithmetic runs in float32 whatever the UNet's dtype
         sigmas = self.schedule(batch).to(self.device)
-        x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents
+        inpaint = self.inpaint_start(batch)
+        if initial_latents is not None:
+            x = initial_latents
+        elif inpaint is not None:  # A1111: x = init_latent + noise * sigma_sched[0]
+            x = inpaint[0] + noise.to(self.device) * sigmas[0]
+        else:
+            x = self.initial_x(batch, noise, sigmas)
         x = x.to(self.device, torch.float32)
-        out = self.denoise(batch, x, gens, sigmas, progress)
+        out = self.denoise(batch, x, gens, sigmas, progress, inpaint=inpaint)
         if batch.hires is not None:
             out = self.hires_pass(batch, out, progress)
         return out
@@ -581,9 +625,11 @@ class SD1Engine(UNetEngine):
     @torch.no_grad()
     def denoise(self, batch: BatchRequest, x: Tensor, gens: list[torch.Generator],
                 sigmas: Tensor, progress: Progress | None = None,
-                size: tuple[int, int] | None = None) -> Tensor:
+                size: tuple[int, int] | None = None,
+                inpaint: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Sample ``x`` (at ``sigmas[0]``) over ``sigmas`` with the batch's prompts;
-        ``gens`` give the ancestral noise (``size`` is SDXL's, unused here)."""
+        ``gens`` give the ancestral noise (``size`` is SDXL's, unused here); ``inpaint``
+        (``inpaint_start``) keeps the picture outside the mask."""
         # a prompt (or negative prompt) over 75 tokens takes more chunks of context. Images
         # are sampled in groups of one chunk count, so an image's context, and so the image,
         # never depends on the prompts it shares a batch with
@@ -598,15 +644,21 @@ class SD1Engine(UNetEngine):
             cond = self.encode_chunks([pos[i] for i in idx], n, batch.clip_skip)
             uncond = (self.encode_chunks([neg[i] for i in idx], n, batch.clip_skip)
                       if neg else None)
+            keep = None if inpaint is None else (inpaint[0][idx], inpaint[1])
             out[idx] = self._sample(batch, cond, uncond, x[idx], [gens[i] for i in idx], sigmas,
-                                    progress)
+                                    progress, keep)
         return out
 
     def _sample(self, batch: BatchRequest, cond: Tensor, uncond: Tensor | None, x: Tensor,
                 gens: list[torch.Generator], sigmas: Tensor,
-                progress: Progress | None = None) -> Tensor:
+                progress: Progress | None = None,
+                inpaint: tuple[Tensor, Tensor] | None = None) -> Tensor:
         model = self._denoiser(cond, uncond, batch.cfg_scale, progress)
-        return run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
+        if inpaint is None:
+            return run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
+        model = masked_denoiser(model, *inpaint)
+        return keep_latents(run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device),
+                            *inpaint)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:

@@ -56,7 +56,9 @@ from workers.engine.sd1 import (
     _load_into,
     chunk_weights,
     emphasize,
+    keep_latents,
     load_tokenizer,
+    masked_denoiser,
     run_sampler,
 )
 from workers.engine.sd1 import import_libraries as sd1_libraries
@@ -476,9 +478,15 @@ class SDXLEngine(UNetEngine):
         noise = first_noise(batch.images, shape, gens, batch.seed_noise_size(self.vae_scale_factor))
         gens = ancestral_generators(batch, gens)  # A1111's ENSD
         sigmas = self.schedule(batch).to(self.device)  # sampler arithmetic in float32
-        x = self.initial_x(batch, noise, sigmas) if initial_latents is None else initial_latents
+        inpaint = self.inpaint_start(batch)
+        if initial_latents is not None:
+            x = initial_latents
+        elif inpaint is not None:  # A1111: x = init_latent + noise * sigma_sched[0]
+            x = inpaint[0] + noise.to(self.device) * sigmas[0]
+        else:
+            x = self.initial_x(batch, noise, sigmas)
         x = x.to(self.device, torch.float32)
-        out = self.denoise(batch, x, gens, sigmas, progress)
+        out = self.denoise(batch, x, gens, sigmas, progress, inpaint=inpaint)
         if batch.hires is not None:
             out = self.hires_pass(batch, out, progress)
         return out
@@ -492,10 +500,12 @@ class SDXLEngine(UNetEngine):
         sigmas: Tensor,
         progress: Progress | None = None,
         size: tuple[int, int] | None = None,
+        inpaint: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Sample ``x`` (at ``sigmas[0]``) over ``sigmas`` with the batch's prompts; ``gens``
         give the ancestral noise. ``size`` (height, width) is the size conditioning, the
-        batch's own if None (the hires pass gives its upscaled size)."""
+        batch's own if None (the hires pass gives its upscaled size); ``inpaint``
+        (``inpaint_start``) keeps the picture outside the mask."""
         time_ids = self.time_ids(batch, size)
         # as in SD1: images are sampled in groups of one chunk count, so that an image never
         # depends on the prompts it shares a batch with
@@ -521,8 +531,17 @@ class SDXLEngine(UNetEngine):
                     context.masked_fill(empty[:, None, None], 0),
                     pooled.masked_fill(empty[:, None], 0),
                 )
+            keep = None if inpaint is None else (inpaint[0][idx], inpaint[1])
             out[idx] = self._sample(
-                batch, cond, uncond, time_ids, x[idx], [gens[i] for i in idx], sigmas, progress
+                batch,
+                cond,
+                uncond,
+                time_ids,
+                x[idx],
+                [gens[i] for i in idx],
+                sigmas,
+                progress,
+                keep,
             )
         return out
 
@@ -536,9 +555,14 @@ class SDXLEngine(UNetEngine):
         gens: list[torch.Generator],
         sigmas: Tensor,
         progress: Progress | None = None,
+        inpaint: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         model = self._denoiser(cond, uncond, batch.cfg_scale, time_ids, progress)
-        return run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
+        if inpaint is None:
+            return run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
+        model = masked_denoiser(model, *inpaint)
+        out = run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
+        return keep_latents(out, *inpaint)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:
