@@ -58,6 +58,21 @@ def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
+def sdapi_img2img(client: TestClient, **fields: object) -> dict:
+    """``POST /sdapi/v1/img2img`` with SPEC's settings (2 images on model ``tiny``) and
+    ``fields``: the answer."""
+    body = {
+        "prompt": SPEC["prompt"],
+        "batch_size": 2,
+        "override_settings": {"sd_model_checkpoint": "tiny"},
+        **{k: SPEC[k] for k in ("seed", "width", "height", "steps", "cfg_scale", "sampler_name")},
+        **fields,
+    }
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def test_a_job_with_an_init_image_starts_every_image_from_it(
     farm: tuple[Cluster, TestClient],
 ) -> None:
@@ -81,17 +96,8 @@ def test_a_job_with_an_init_image_starts_every_image_from_it(
     assert np.abs(pixels(started[0]) - pixels(started[1])).max() > 1  # the seeds still count
 
     # the same images asked for the A1111 way
-    body = {
-        "init_images": ["data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()],
-        "denoising_strength": 0.3,
-        "prompt": SPEC["prompt"],
-        "batch_size": 2,
-        "override_settings": {"sd_model_checkpoint": "tiny"},
-        **{k: SPEC[k] for k in ("seed", "width", "height", "steps", "cfg_scale", "sampler_name")},
-    }
-    r = client.post("/sdapi/v1/img2img", json=body)
-    assert r.status_code == 200, r.text
-    answer = r.json()
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    answer = sdapi_img2img(client, init_images=[url], denoising_strength=0.3)
     info = json.loads(answer["info"])
     assert info["denoising_strength"] == 0.3 and info["all_seeds"] == [42, 43]
     assert answer["parameters"]["init_images"] is None  # as A1111: include_init_images false
@@ -151,18 +157,9 @@ def test_sdapi_inpainting_repaints_only_the_masked_part(
         im.save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode()
 
-    body = {
-        "init_images": [encoded(picture)],
-        "mask": encoded(mask),
-        "denoising_strength": 1.0,
-        "prompt": SPEC["prompt"],
-        "batch_size": 2,
-        "override_settings": {"sd_model_checkpoint": "tiny"},
-        **{k: SPEC[k] for k in ("seed", "width", "height", "steps", "cfg_scale", "sampler_name")},
-    }
-    r = client.post("/sdapi/v1/img2img", json=body)
-    assert r.status_code == 200, r.text
-    pngs = [base64.b64decode(png) for png in r.json()["images"]]
+    answer = sdapi_img2img(client, init_images=[encoded(picture)], mask=encoded(mask),
+                           denoising_strength=1.0)  # fmt: skip
+    pngs = [base64.b64decode(png) for png in answer["images"]]
     want = np.asarray(picture, dtype=np.int16)
     far = np.ones((80, 96), bool)
     far[20:72, 30:82] = False  # the box and the blur (4) around it

@@ -174,6 +174,21 @@ def crop_region(mask: Image.Image, pad: int) -> tuple[int, int, int, int] | None
     return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, mask.width), min(y2 + pad, mask.height)
 
 
+def _grow_span(lo: int, hi: int, grow: int, size: int) -> tuple[int, int]:
+    """One side of ``expand_crop_region``: [lo, hi) grown by ``grow`` about its centre,
+    shifted back inside [0, size) where it overhangs the far edge, then the near one, and
+    cut at the far edge where it is larger than ``size``."""
+    lo -= grow // 2
+    hi += grow - grow // 2
+    if hi >= size:
+        lo -= hi - size
+        hi = size
+    if lo < 0:
+        hi -= lo
+        lo = 0
+    return lo, min(hi, size)
+
+
 def expand_crop_region(
     region: tuple[int, int, int, int],
     processing_width: int,
@@ -188,31 +203,9 @@ def expand_crop_region(
     ratio_region = (x2 - x1) / (y2 - y1)
     ratio_processing = processing_width / processing_height
     if ratio_region > ratio_processing:
-        grow = int((x2 - x1) / ratio_processing - (y2 - y1))
-        y1 -= grow // 2
-        y2 += grow - grow // 2
-        if y2 >= image_height:
-            overhang = y2 - image_height
-            y2 -= overhang
-            y1 -= overhang
-        if y1 < 0:
-            y2 -= y1
-            y1 = 0
-        if y2 >= image_height:
-            y2 = image_height
+        y1, y2 = _grow_span(y1, y2, int((x2 - x1) / ratio_processing - (y2 - y1)), image_height)
     else:
-        grow = int((y2 - y1) * ratio_processing - (x2 - x1))
-        x1 -= grow // 2
-        x2 += grow - grow // 2
-        if x2 >= image_width:
-            overhang = x2 - image_width
-            x2 -= overhang
-            x1 -= overhang
-        if x1 < 0:
-            x2 -= x1
-            x1 = 0
-        if x2 >= image_width:
-            x2 = image_width
+        x1, x2 = _grow_span(x1, x2, int((y2 - y1) * ratio_processing - (x2 - x1)), image_width)
     return x1, y1, x2, y2
 
 

@@ -339,6 +339,20 @@ class UNetEngine(TorchEngine):
             return noise * sigmas[0]
         return self.encode_image(batch.init_image) + noise * sigmas[0]
 
+    def start_x(self, batch: BatchRequest, noise: Tensor, sigmas: Tensor,
+                inpaint: tuple[Tensor, Tensor] | None,
+                initial_latents: Tensor | None = None) -> Tensor:
+        """x at ``sigmas[0]`` (float32): ``initial_latents`` if given, else ``initial_x``,
+        or inpainting's picture latents (``inpaint_start``) plus the noise times it, as
+        A1111's."""
+        if initial_latents is not None:
+            x = initial_latents
+        elif inpaint is None:
+            x = self.initial_x(batch, noise, sigmas)
+        else:
+            x = inpaint[0] + noise.to(self.device) * sigmas[0]
+        return x.to(self.device, torch.float32)
+
     def inpaint_start(self, batch: BatchRequest) -> tuple[Tensor, Tensor] | None:
         """Inpainting's (picture latents per image, keep mask (1, 1, h, w), 1 kept), as
         A1111's: the mask at the latents' size, rounded; under it "latent noise" puts
@@ -610,13 +624,7 @@ class SD1Engine(UNetEngine):
         # the sampler's arithmetic runs in float32 whatever the UNet's dtype
         sigmas = self.schedule(batch).to(self.device)
         inpaint = self.inpaint_start(batch)
-        if initial_latents is not None:
-            x = initial_latents
-        elif inpaint is not None:  # A1111: x = init_latent + noise * sigma_sched[0]
-            x = inpaint[0] + noise.to(self.device) * sigmas[0]
-        else:
-            x = self.initial_x(batch, noise, sigmas)
-        x = x.to(self.device, torch.float32)
+        x = self.start_x(batch, noise, sigmas, inpaint, initial_latents)
         out = self.denoise(batch, x, gens, sigmas, progress, inpaint=inpaint)
         if batch.hires is not None:
             out = self.hires_pass(batch, out, progress)

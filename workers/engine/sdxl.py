@@ -479,13 +479,7 @@ class SDXLEngine(UNetEngine):
         gens = ancestral_generators(batch, gens)  # A1111's ENSD
         sigmas = self.schedule(batch).to(self.device)  # sampler arithmetic in float32
         inpaint = self.inpaint_start(batch)
-        if initial_latents is not None:
-            x = initial_latents
-        elif inpaint is not None:  # A1111: x = init_latent + noise * sigma_sched[0]
-            x = inpaint[0] + noise.to(self.device) * sigmas[0]
-        else:
-            x = self.initial_x(batch, noise, sigmas)
-        x = x.to(self.device, torch.float32)
+        x = self.start_x(batch, noise, sigmas, inpaint, initial_latents)
         out = self.denoise(batch, x, gens, sigmas, progress, inpaint=inpaint)
         if batch.hires is not None:
             out = self.hires_pass(batch, out, progress)
