@@ -112,6 +112,16 @@ def masked_denoiser(model: Any, init: Tensor, keep: Tensor) -> Any:
     return denoised
 
 
+def sample(name: str, model: Any, x: Tensor, sigmas: Tensor, gens: list[torch.Generator],
+           device: torch.device, inpaint: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``run_sampler``; with ``inpaint`` ((picture latents, keep mask), ``inpaint_start``)
+    every prediction and the result keep the picture outside the mask."""
+    if inpaint is None:
+        return run_sampler(name, model, x, sigmas, gens, device)
+    out = run_sampler(name, masked_denoiser(model, *inpaint), x, sigmas, gens, device)
+    return keep_latents(out, *inpaint)
+
+
 @dataclass
 class SD1Components:
     unet: Any
@@ -662,11 +672,7 @@ class SD1Engine(UNetEngine):
                 progress: Progress | None = None,
                 inpaint: tuple[Tensor, Tensor] | None = None) -> Tensor:
         model = self._denoiser(cond, uncond, batch.cfg_scale, progress)
-        if inpaint is None:
-            return run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
-        model = masked_denoiser(model, *inpaint)
-        return keep_latents(run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device),
-                            *inpaint)
+        return sample(batch.sampler_name, model, x, sigmas, gens, self.device, inpaint)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:

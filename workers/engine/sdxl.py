@@ -56,10 +56,8 @@ from workers.engine.sd1 import (
     _load_into,
     chunk_weights,
     emphasize,
-    keep_latents,
     load_tokenizer,
-    masked_denoiser,
-    run_sampler,
+    sample,
 )
 from workers.engine.sd1 import import_libraries as sd1_libraries
 
@@ -552,11 +550,7 @@ class SDXLEngine(UNetEngine):
         inpaint: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         model = self._denoiser(cond, uncond, batch.cfg_scale, time_ids, progress)
-        if inpaint is None:
-            return run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
-        model = masked_denoiser(model, *inpaint)
-        out = run_sampler(batch.sampler_name, model, x, sigmas, gens, self.device)
-        return keep_latents(out, *inpaint)
+        return sample(batch.sampler_name, model, x, sigmas, gens, self.device, inpaint)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:
