@@ -644,18 +644,11 @@ def init_picture(body: Img2ImgRequest, bad: Callable[[str, str], None]) -> tuple
         if text in seen:
             continue
         seen.add(text)
-        field = f"init_images[{i}]"
-        data = _base64(text, field, bad) if isinstance(text, str) else None
-        if data is None:
+        picture = _stored_picture(text, f"init_images[{i}]", bad)
+        if picture is None:
             ok = False
             continue
-        try:
-            sha, png, _size = inputs.prepare(data, field)
-        except FieldError as exc:
-            bad(exc.field, exc.msg)
-            ok = False
-            continue
-        found.setdefault(sha, png)
+        found.setdefault(*picture)
     if len(found) > 1:
         bad("init_images", f"{len(found)} different pictures; the farm renders a request from "
             "one picture (send one, or the same one each time)")  # fmt: skip
@@ -663,6 +656,22 @@ def init_picture(body: Img2ImgRequest, bad: Callable[[str, str], None]) -> tuple
     if not ok or not found:
         return None
     return next(iter(found.items()))
+
+
+def _stored_picture(
+    text: Any, field: str, bad: Callable[[str, str], None], mask: bool = False
+) -> tuple[str, bytes] | None:
+    """A request's base64 picture (``field``) as stored (``inputs.prepare``; ``mask``: read
+    as a mask): its sha256 and PNG, or None with the problem reported."""
+    data = _base64(text, field, bad) if isinstance(text, str) else None
+    if data is None:
+        return None
+    try:
+        sha, png, _size = inputs.prepare(data, field, mask=mask)
+    except FieldError as exc:
+        bad(exc.field, exc.msg)
+        return None
+    return sha, png
 
 
 def img2img_refusals(body: Img2ImgRequest, bad: Callable[[str, str], None]) -> None:
@@ -692,13 +701,8 @@ def inpaint_fields(
     or None without a mask or with the problems reported."""
     if not body.mask:
         return None
-    data = _base64(body.mask, "mask", bad) if isinstance(body.mask, str) else None
-    if data is None:
-        return None
-    try:
-        mask = inputs.prepare(data, "mask", mask=True)
-    except FieldError as exc:
-        bad(exc.field, exc.msg)
+    mask = _stored_picture(body.mask, "mask", bad, mask=True)
+    if mask is None:
         return None
     blur_x, blur_y = body.mask_blur_x, body.mask_blur_y
     if body.mask_blur is not None:  # A1111: mask_blur sets both
@@ -727,7 +731,7 @@ def inpaint_fields(
         "only_masked": body.inpaint_full_res is not False,
         "padding": body.inpaint_full_res_padding or 0,
     }
-    return fields, mask[:2]
+    return fields, mask
 
 
 def _same_choice(value: str | None, same: str, *ours: str | None) -> bool:
