@@ -121,6 +121,12 @@ class InputPictures:
 
 
 INPUTS = InputPictures()
+# inpainting's prepared picture and mask (``inpaint.prepare``) by (init picture, the job's
+# inpaint settings, size): the same for every task of a job, and up to seconds of CPU for a
+# large picture with a wide blur or "fill"; the ``PREPARED_MOST`` used last are kept
+PREPARED: OrderedDict[tuple[Any, ...], inpaint.Prepared] = OrderedDict()
+PREPARED_MOST = 4
+_prepared_lock = threading.Lock()
 
 
 def fit_picture(picture: Image.Image, width: int, height: int) -> Image.Image:
@@ -389,12 +395,17 @@ def _input_picture(rt: Runtime, sha: str, field: str = "init_image") -> Image.Im
 
 def _prepare_inpaint(rt: Runtime, first: ImageParams, picture: Image.Image) -> inpaint.Prepared:
     """The task's init picture and mask made ready for inpainting (A1111's geometry:
-    ``workers.engine.inpaint.prepare``)."""
+    ``workers.engine.inpaint.prepare``), once for all the tasks of a job (``PREPARED``)."""
     spec = first.inpaint
     assert spec is not None
+    key = (first.init_image, spec, first.width, first.height)
+    with _prepared_lock:
+        if (prepared := PREPARED.get(key)) is not None:
+            PREPARED.move_to_end(key)
+            return prepared
     mask = _input_picture(rt, spec.mask, "inpaint.mask")
     try:
-        return inpaint.prepare(
+        prepared = inpaint.prepare(
             picture,
             mask,
             first.width,
@@ -407,6 +418,11 @@ def _prepare_inpaint(rt: Runtime, first: ImageParams, picture: Image.Image) -> i
         )
     except ValueError as exc:
         raise EngineError(f"inpaint: {exc}") from None
+    with _prepared_lock:
+        PREPARED[key] = prepared
+        while len(PREPARED) > PREPARED_MOST:
+            PREPARED.popitem(last=False)
+    return prepared
 
 
 def _load_loras(

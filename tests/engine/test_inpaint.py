@@ -258,3 +258,32 @@ def test_a_mask_missing_from_the_store_fails_the_images_naming_it(tmp_path) -> N
     assert "inpaint.mask" in error["error"] and input_key("cd" * 32) in error["error"]
     assert rt.ledger.marked == [([0, 1], False)]
     assert not list(rt.store.list("out/"))
+
+
+def test_the_tasks_of_a_job_prepare_picture_and_mask_once(tmp_path, engine, monkeypatch) -> None:
+    import workers.render as render
+
+    prepared: list[tuple[int, int]] = []
+    real = render.inpaint.prepare
+
+    def counted(picture, mask, width, height, **kw):
+        prepared.append((width, height))
+        return real(picture, mask, width, height, **kw)
+
+    monkeypatch.setattr(render.inpaint, "prepare", counted)
+    monkeypatch.setattr(render, "PREPARED", type(render.PREPARED)())
+    rt = runtime(tmp_path, engine)
+    sha = store_picture(rt.store, circle(64))
+    spec = InpaintSpec(mask=store_picture(rt.store, box_mask(64, 64, (8, 8, 40, 40))))
+    small = dict(size=(32, 32))
+    _render_images(rt, "job", 0, "out", [params(0, sha, spec, **small)])
+    _render_images(rt, "job", 1, "out", [params(1, sha, spec, **small)])
+    assert prepared == [(32, 32)]  # the second task took the first one's
+    _render_images(rt, "job", 2, "out", [params(2, sha, spec.model_copy(update={"padding": 4}),
+                                                **small)])  # fmt: skip
+    _render_images(rt, "job", 3, "out", [params(3, sha, spec, size=(40, 32))])
+    assert prepared == [(32, 32), (32, 32), (40, 32)]  # other settings, another size
+    for i in range(5, 5 + render.PREPARED_MOST):  # the ones used last are kept, no more
+        _render_images(rt, "job", i, "out", [params(i, sha, spec, size=(32 + 8 * i, 32))])
+    assert len(render.PREPARED) == render.PREPARED_MOST
+    assert rt.ledger.errors == []
