@@ -279,6 +279,8 @@ def _render_images(
         hires = hires_parameters(first)
         if "Denoising strength" in hires:
             extra["Denoising strength"] = hires.pop("Denoising strength")
+        if getattr(engine, "inpainting_model", False):  # A1111's: after the strength
+            extra["Conditional mask weight"] = 1.0
         if first.clip_skip != 1:  # A1111's: after the strength, when it is not 1
             extra["Clip skip"] = first.clip_skip
         if first.eta_noise_seed_delta and first.sampler_name in ANCESTRAL:

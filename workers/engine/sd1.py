@@ -112,6 +112,11 @@ def masked_denoiser(model: Any, init: Tensor, keep: Tensor) -> Any:
     return denoised
 
 
+def with_conditioning(x: Tensor, concat: Tensor | None) -> Tensor:
+    """The UNet's input: ``x``, then an inpainting checkpoint's ``image_conditioning``."""
+    return x if concat is None else torch.cat([x, concat.to(x.dtype)], dim=1)
+
+
 def sample(name: str, model: Any, x: Tensor, sigmas: Tensor, gens: list[torch.Generator],
            device: torch.device, inpaint: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``run_sampler``; with ``inpaint`` ((picture latents, keep mask), ``inpaint_start``)
@@ -151,6 +156,15 @@ def component_configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
         raw = metadata.get(f"farm.{name}_config")
         configs[name] = json.loads(raw) if raw else json.loads((CONFIG_DIR / rel).read_text())
     return configs
+
+
+def unet_config_for(state: dict[str, Tensor], config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the input channels the file's UNet reads (4, or 9 for an inpainting
+    checkpoint: the latents, the mask and the masked picture's latents)."""
+    conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is None or conv_in.ndim != 4:
+        return config
+    return {**config, "in_channels": int(conv_in.shape[1])}
 
 
 def _load_into(model: Any, state: dict[str, Tensor], what: str, dtype: torch.dtype) -> Any:
@@ -202,6 +216,7 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32,
     state = load_file(str(path))
     tick()
     cfg = component_configs(metadata)
+    cfg["unet"] = unet_config_for(state, cfg["unet"])
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(cfg["unet"])
         vae = AutoencoderKL.from_config(cfg["vae"])
@@ -280,6 +295,45 @@ class UNetEngine(TorchEngine):
     unet: Any
     loras: MergedLoras
     embeddings: EmbeddingStore
+
+    inpainting_model = False  # its UNet reads 9 channels (``image_conditioning``)
+
+    def unet_inputs(self) -> int:
+        """The latent channels, from the VAE; sets ``inpainting_model`` when the UNet reads
+        5 more (an inpainting checkpoint's mask and masked picture). EngineError for a
+        UNet that reads anything else."""
+        latent = int(self.vae.config.latent_channels)
+        reads = int(self.unet.config.in_channels)
+        if reads not in (latent, latent + 5):
+            raise EngineError(f"the UNet reads {reads} channels; the farm renders UNets that read "
+                              f"the {latent} latent channels, or {latent + 5} (inpainting)")
+        self.inpainting_model = reads == latent + 5
+        return latent
+
+    @torch.no_grad()
+    def image_conditioning(self, batch: BatchRequest, shape: torch.Size) -> Tensor | None:
+        """What an inpainting checkpoint's UNet reads besides the latents ``shape``, per
+        image (n, 5, h, w): the mask rounded to 0 or 1 at the latents' size (nearest), then
+        the VAE latent of the picture with the masked part grey (0), as A1111's
+        ``inpainting_image_conditioning`` with its default mask weight of 1. Without a mask
+        the whole picture is masked, and txt2img's picture is all grey (A1111's
+        ``txt2img_image_conditioning``). None for a model that reads only the latents."""
+        if not self.inpainting_model:
+            return None
+        size = (1, 1, batch.height, batch.width)
+        if batch.init_image is None:
+            source, mask = torch.zeros(1, 3, batch.height, batch.width), torch.ones(size)
+        else:
+            import numpy as np
+
+            source = picture_tensor(batch.init_image)
+            mask = (torch.ones(size) if batch.mask is None else torch.from_numpy(
+                np.asarray(batch.mask.convert("L"), dtype=np.float32) / 255.0)[None, None])
+            mask = torch.round(mask)
+        masked = (source * (1.0 - mask)).to(self.device, self.vae.dtype)
+        latent = self.vae.encode(masked).latent_dist.mean.float() * self.vae.config.scaling_factor
+        small = torch.nn.functional.interpolate(mask, size=tuple(shape[2:])).to(self.device)
+        return torch.cat([small, latent], dim=1).expand(shape[0], -1, -1, -1)
 
     def unet_lora_names(self) -> Callable[[str], Iterable[str]]:
         """A UNet module's name -> the names a LoRA file may give it: its diffusers name
@@ -499,7 +553,7 @@ class SD1Engine(UNetEngine):
             self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
         self.quantize = quantize
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_channels = self.unet.config.in_channels
+        self.latent_channels = self.unet_inputs()
         self.unet.set_attn_processor({name: ContextKVCache() if name.endswith("attn2.processor")
                                       else proc for name, proc in
                                       self.unet.attn_processors.items()})
@@ -597,13 +651,15 @@ class SD1Engine(UNetEngine):
         return [torch.Generator("cpu").manual_seed(r.seed) for r in batch.images]
 
     def _denoiser(self, cond: Tensor | None, uncond: Tensor | None,
-                  cfg_scale: float, progress: Progress | None = None) -> DiscreteEpsDenoiser:
+                  cfg_scale: float, progress: Progress | None = None,
+                  concat: Tensor | None = None) -> DiscreteEpsDenoiser:
         # one context tensor for the whole render: the UNet's cross-attention layers
         # (ContextKVCache) project it to keys and values once, not at every step
         context = cond if uncond is None else torch.cat([uncond, cond])
 
         def eps(x: Tensor, t: Tensor) -> Tensor:
             t = t.to(self.device)
+            x = with_conditioning(x, concat)
             if uncond is None:
                 out = self.unet(x.to(self.dtype), t, encoder_hidden_states=context).sample.float()
             else:
@@ -656,6 +712,7 @@ class SD1Engine(UNetEngine):
         neg = ([self.prompt_chunks(r.negative_prompt, found) for r in batch.images]
                if batch.cfg_scale != 1.0 else None)
         counts = [max(len(p), len(neg[i]) if neg else 1) for i, p in enumerate(pos)]
+        concat = self.image_conditioning(batch, x.shape)
         out = torch.empty_like(x)
         for n in sorted(set(counts)):
             idx = [i for i, c in enumerate(counts) if c == n]
@@ -664,14 +721,15 @@ class SD1Engine(UNetEngine):
                       if neg else None)
             keep = None if inpaint is None else (inpaint[0][idx], inpaint[1])
             out[idx] = self._sample(batch, cond, uncond, x[idx], [gens[i] for i in idx], sigmas,
-                                    progress, keep)
+                                    progress, keep, None if concat is None else concat[idx])
         return out
 
     def _sample(self, batch: BatchRequest, cond: Tensor, uncond: Tensor | None, x: Tensor,
                 gens: list[torch.Generator], sigmas: Tensor,
                 progress: Progress | None = None,
-                inpaint: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        model = self._denoiser(cond, uncond, batch.cfg_scale, progress)
+                inpaint: tuple[Tensor, Tensor] | None = None,
+                concat: Tensor | None = None) -> Tensor:
+        model = self._denoiser(cond, uncond, batch.cfg_scale, progress, concat)
         return sample(batch.sampler_name, model, x, sigmas, gens, self.device, inpaint)
 
     @torch.no_grad()

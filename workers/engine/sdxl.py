@@ -58,6 +58,8 @@ from workers.engine.sd1 import (
     emphasize,
     load_tokenizer,
     sample,
+    unet_config_for,
+    with_conditioning,
 )
 from workers.engine.sd1 import import_libraries as sd1_libraries
 
@@ -199,6 +201,7 @@ def load_components(
     state = load_file(str(path))
     tick()
     cfg = component_configs(metadata)
+    cfg["unet"] = unet_config_for(state, cfg["unet"])
     _check_widths(name, cfg)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(cfg["unet"])
@@ -279,7 +282,7 @@ class SDXLEngine(UNetEngine):
             self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
         self.quantize = quantize
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_channels = self.unet.config.in_channels
+        self.latent_channels = self.unet_inputs()
         self.unet.set_attn_processor(
             {
                 name: ContextKVCache() if name.endswith("attn2.processor") else proc
@@ -423,6 +426,7 @@ class SDXLEngine(UNetEngine):
         cfg_scale: float,
         time_ids: Tensor,
         progress: Progress | None = None,
+        concat: Tensor | None = None,
     ) -> DiscreteEpsDenoiser:
         # one context tensor for the whole render: the UNet's cross-attention layers
         # (ContextKVCache) project it to keys and values once, not at every step
@@ -435,6 +439,7 @@ class SDXLEngine(UNetEngine):
 
         def eps(x: Tensor, t: Tensor) -> Tensor:
             t = t.to(self.device)
+            x = with_conditioning(x, concat)
             if uncond is None:
                 out = self.unet(
                     x.to(self.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added
@@ -509,6 +514,7 @@ class SDXLEngine(UNetEngine):
             else None
         )
         counts = [max(len(p), len(neg[i]) if neg else 1) for i, p in enumerate(pos)]
+        concat = self.image_conditioning(batch, x.shape)
         out = torch.empty_like(x)
         for n in sorted(set(counts)):
             idx = [i for i, c in enumerate(counts) if c == n]
@@ -534,6 +540,7 @@ class SDXLEngine(UNetEngine):
                 sigmas,
                 progress,
                 keep,
+                None if concat is None else concat[idx],
             )
         return out
 
@@ -548,8 +555,9 @@ class SDXLEngine(UNetEngine):
         sigmas: Tensor,
         progress: Progress | None = None,
         inpaint: tuple[Tensor, Tensor] | None = None,
+        concat: Tensor | None = None,
     ) -> Tensor:
-        model = self._denoiser(cond, uncond, batch.cfg_scale, time_ids, progress)
+        model = self._denoiser(cond, uncond, batch.cfg_scale, time_ids, progress, concat)
         return sample(batch.sampler_name, model, x, sigmas, gens, self.device, inpaint)
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ small Unigram one, T5's special ids) is written next to it, in ``<stem>-t5-token
 Any multiple of 4 renders (VAE factor 2 x 2x2 patches).
 
     python -m workers.engine.tiny OUT.safetensors [--seed N] [--family sd1|sdxl|flux]
+        [--inpainting]
 """
 
 from __future__ import annotations
@@ -135,29 +136,36 @@ def t5_tokenizer_dir(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + "-t5-tokenizer")
 
 
-def build_tiny_modules(seed: int = 0) -> tuple[Any, Any, Any]:
-    """(unet, vae, text_encoder) diffusers/transformers modules with seeded random weights."""
+def build_tiny_modules(seed: int = 0, inpainting: bool = False) -> tuple[Any, Any, Any]:
+    """(unet, vae, text_encoder) diffusers/transformers modules with seeded random weights;
+    ``inpainting``: a UNet that reads 9 channels, as an inpainting checkpoint's."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(TINY_UNET)
+        unet = UNet2DConditionModel.from_config({**TINY_UNET, **_inputs(inpainting)})
         vae = AutoencoderKL.from_config(TINY_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
     return unet.eval(), vae.eval(), text_encoder.eval()
 
 
-def build_tiny_sdxl_modules(seed: int = 0) -> tuple[Any, Any, Any, Any]:
-    """(unet, vae, text_encoder, text_encoder_2) of a tiny SDXL, seeded random weights."""
+def _inputs(inpainting: bool) -> dict[str, int]:
+    return {"in_channels": 9} if inpainting else {}
+
+
+def build_tiny_sdxl_modules(seed: int = 0,
+                            inpainting: bool = False) -> tuple[Any, Any, Any, Any]:
+    """(unet, vae, text_encoder, text_encoder_2) of a tiny SDXL, seeded random weights;
+    ``inpainting``: a UNet that reads 9 channels."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(TINY_SDXL_UNET)
+        unet = UNet2DConditionModel.from_config({**TINY_SDXL_UNET, **_inputs(inpainting)})
         vae = AutoencoderKL.from_config(TINY_SDXL_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT_ENCODER))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_ENCODER_2))
@@ -296,14 +304,17 @@ def write_flux_checkpoint(path: str | Path, transformer: Any, vae: Any, text_enc
         "text_encoder_2": text_encoder_2.config.to_diff_dict()})
 
 
-def write_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random SD1.x checkpoint (deterministic given seed); returns its path."""
-    return write_checkpoint(path, *build_tiny_modules(seed))
+def write_tiny_checkpoint(path: str | Path, seed: int = 0, inpainting: bool = False) -> Path:
+    """Write a tiny random SD1.x checkpoint (deterministic given seed; ``inpainting``: its
+    UNet reads 9 channels); returns its path."""
+    return write_checkpoint(path, *build_tiny_modules(seed, inpainting))
 
 
-def write_tiny_sdxl_checkpoint(path: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random SDXL checkpoint (deterministic given seed); returns its path."""
-    return write_sdxl_checkpoint(path, *build_tiny_sdxl_modules(seed))
+def write_tiny_sdxl_checkpoint(path: str | Path, seed: int = 0,
+                               inpainting: bool = False) -> Path:
+    """Write a tiny random SDXL checkpoint (deterministic given seed; ``inpainting``: its
+    UNet reads 9 channels); returns its path."""
+    return write_sdxl_checkpoint(path, *build_tiny_sdxl_modules(seed, inpainting))
 
 
 def write_tiny_flux_checkpoint(path: str | Path, seed: int = 0, guidance: bool = True) -> Path:
@@ -319,10 +330,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=("sd1", "sdxl", "flux"), default="sd1")
+    parser.add_argument("--inpainting", action="store_true",
+                        help="an inpainting checkpoint (SD1, SDXL): its UNet reads 9 channels")
     args = parser.parse_args(argv)
-    writers = {"sd1": write_tiny_checkpoint, "sdxl": write_tiny_sdxl_checkpoint,
-               "flux": write_tiny_flux_checkpoint}
-    print(writers[args.family](args.out, args.seed))
+    if args.inpainting and args.family == "flux":
+        parser.error("--inpainting: SD1 and SDXL checkpoints only")
+    if args.family == "sd1":
+        print(write_tiny_checkpoint(args.out, args.seed, args.inpainting))
+    elif args.family == "sdxl":
+        print(write_tiny_sdxl_checkpoint(args.out, args.seed, args.inpainting))
+    else:
+        print(write_tiny_flux_checkpoint(args.out, args.seed))
     if args.family == "flux":  # the engine reads it from FARM_FLUX_T5_TOKENIZER
         print(t5_tokenizer_dir(args.out))
 
