@@ -217,25 +217,27 @@ FLUX_PARTS = {
 }
 
 
-# what a UNet whose first convolution reads other than 4 channels was trained for
+# what a UNet whose first convolution reads other than 4 or 9 channels was trained for
 _UNET_INPUTS = {
-    9: "an inpainting checkpoint (its UNet reads 9 channels: the latents, the mask and the "
-    "masked picture)",
     8: "an InstructPix2Pix checkpoint (its UNet reads 8 channels: the latents and the picture)",
 }
 
 
 def unet_input_problem(path: str | Path) -> str | None:
-    """Why an SD1 or SDXL checkpoint cannot render txt2img and img2img as the engine does
-    (a UNet that reads more than the 4 latent channels), or None."""
+    """Why an SD1 or SDXL checkpoint cannot render as the engine does (a UNet that reads
+    other than the 4 latent channels, or 9 as an inpainting checkpoint's: the latents, the
+    mask and the masked picture's latents), or None."""
     info = read_safetensors_header(path).get("model.diffusion_model.input_blocks.0.0.weight")
     if not isinstance(info, dict) or len(info.get("shape", ())) != 4:
         return None
     channels = int(info["shape"][1])
-    if channels == 4:
+    if channels in (4, 9):
         return None
     what = _UNET_INPUTS.get(channels, f"a checkpoint whose UNet reads {channels} channels")
-    return f"{what}; the farm renders models whose UNet reads the 4 latent channels only"
+    return (
+        f"{what}; the farm renders models whose UNet reads the 4 latent channels, or 9 "
+        "(inpainting checkpoints)"
+    )
 
 
 def flux_missing_parts(path: str | Path) -> list[str]:

@@ -125,6 +125,7 @@ FARM_OPTIONS: dict[str, tuple[Any, ...]] = {
     "CLIP_stop_at_last_layers": (1,),
     "sd_vae": ("Automatic", "None"),
     "eta_noise_seed_delta": (0,),
+    "inpainting_mask_weight": (1.0,),  # inpainting checkpoints' "Conditional mask weight"
     "samples_format": ("png",),
     "enable_pnginfo": (True,),
 }

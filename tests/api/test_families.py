@@ -146,20 +146,21 @@ def test_the_a1111_api_takes_forges_distilled_guidance_for_flux(
     assert job.spec.cfg_scale == guidance
 
 
-@pytest.mark.parametrize(("channels", "words"), [(9, "an inpainting checkpoint"), (8, "Pix2Pix")])
-def test_a_checkpoint_whose_unet_reads_more_than_the_latents_is_refused_at_add(
+@pytest.mark.parametrize(("channels", "words"), [(8, "Pix2Pix"), (6, "reads 6 channels")])
+def test_a_checkpoint_whose_unet_reads_other_inputs_is_refused_at_add(
     channels: int, words: str, config: Config, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     """Its UNet would fail at the first render with a shape error; refused when added,
-    saying what it is."""
+    saying what it is. The latents' 4 channels and an inpainting checkpoint's 9 are taken."""
     key = "model.diffusion_model.input_blocks.0.0.weight"
     path = tmp_path / "m.safetensors"
     save_file({key: np.zeros((8, channels, 3, 3), np.float32)}, str(path))
-    with pytest.raises(ValueError, match=f"{words}.*4 latent channels only"):
-        register_model(config, redis_client, path, "inpaint")
-    assert ModelRegistry(redis_client, config.namespace).get("inpaint") is None
-    save_file({key: np.zeros((8, 4, 3, 3), np.float32)}, str(path))
-    assert register_model(config, redis_client, path, "plain").engine == "sd1"
+    with pytest.raises(ValueError, match=f"{words}.*4 latent channels, or 9"):
+        register_model(config, redis_client, path, "odd")
+    assert ModelRegistry(redis_client, config.namespace).get("odd") is None
+    for reads, name in ((4, "plain"), (9, "inpainting")):
+        save_file({key: np.zeros((8, reads, 3, 3), np.float32)}, str(path))
+        assert register_model(config, redis_client, path, name).engine == "sd1"
 
 
 def test_clip_skip_goes_with_sd1_models_only(

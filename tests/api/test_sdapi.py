@@ -192,6 +192,7 @@ def test_fields_that_change_nothing_are_accepted(make_client: MakeClient, worker
             "sd_vae": "Automatic",
             "samples_format": "PNG",
             "eta_noise_seed_delta": None,
+            "inpainting_mask_weight": 1,
         },
     }
     job = timed_out_job(make_client(), body)
@@ -220,6 +221,8 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
      {"override_settings": {"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "synthetic"}}),
     ("override_settings.sd_vae", {"override_settings": {"sd_vae": "vae-ft-mse.safetensors"}}),
     ("override_settings.eta_ancestral", {"override_settings": {"eta_ancestral": 0.5}}),
+    ("override_settings.inpainting_mask_weight",
+     {"override_settings": {"inpainting_mask_weight": 0.5}}),
     ("hr_cfg", {"hr_cfg": 1.0}),  # not an A1111 field (Forge's): unknown, so refused
 ]  # fmt: skip
 

@@ -33,6 +33,7 @@ def model_farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     from tests.engine.test_lora import write_lora
     from workers.engine.tiny import (
         t5_tokenizer_dir,
+        write_tiny_checkpoint,
         write_tiny_flux_checkpoint,
         write_tiny_sdxl_checkpoint,
     )
@@ -44,6 +45,7 @@ def model_farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     models["gone"], _ = write_lora(tmp / "gone.safetensors", shapes, seed=2)
     models["xl"] = Path(write_tiny_sdxl_checkpoint(tmp / "xl.safetensors", seed=1))
     models["flux"] = Path(write_tiny_flux_checkpoint(tmp / "flux.safetensors", seed=2))
+    models["inpainting"] = Path(write_tiny_checkpoint(tmp / "inp.safetensors", 4, True))
     env = {
         # torch's OpenMP threads wait without spinning: on a CPU that other processes keep
         # busy, spinning threads made each 2-image task take 3-6 s rather than 0.3-1 s

@@ -1,7 +1,8 @@
 """Each model family end to end on real servers (Redis-compatible server, S3 over HTTP, a
-Celery worker process): the worker fetches a tiny SDXL and a tiny all-in-one Flux
-checkpoint from S3, loads each with its own engine, and stores images whose parameters
-name the model and whose pixels are the engine's own render of the same request."""
+Celery worker process): the worker fetches a tiny SDXL, a tiny all-in-one Flux and a tiny
+SD1 inpainting (9-channel) checkpoint from S3, loads each with its own engine, and stores
+images whose parameters name the model and whose pixels are the engine's own render of
+the same request."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ SPEC = {"prompt": ["a red circle", "a blue square"], "seed": 11, "width": 64, "h
 
 @pytest.fixture
 def farm(model_farm: Cluster) -> Cluster:
-    """The session's farm of one worker (tests/integration/conftest.py): ``xl``, ``flux``."""
+    """The session's farm of one worker (tests/integration/conftest.py): ``xl``, ``flux``,
+    ``inpainting``."""
     return model_farm
 
 
-@pytest.mark.parametrize("model", ["xl", "flux"])
+@pytest.mark.parametrize("model", ["xl", "flux", "inpainting"])
 def test_a_worker_renders_the_family_from_its_checkpoint_in_s3(
     farm: Cluster, model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -43,6 +45,8 @@ def test_a_worker_renders_the_family_from_its_checkpoint_in_s3(
         params = parse_parameters(read_parameters(png) or "")
         assert params["prompt"] == SPEC["prompt"][i]  # type: ignore[index]
         assert params["model"] == model and params["seed"] == 11  # seed + repeat index
+        masks = "Conditional mask weight" in params["extra"]
+        assert masks == (model == "inpainting")
     # the same request rendered here by the engine: the worker's pixels
     from workers.engine.base import BatchRequest, ImageRequest
     from workers.engine.loader import load_engine
